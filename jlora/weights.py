@@ -1,0 +1,238 @@
+"""LoRA weights as immutable pytrees: one layer, a packed (fused) layer, a whole adapter, and the
+device slot bank that serves many adapters at once.
+
+Layout (JAX, chosen once for the whole project): ``lora_a [in, r]``, ``lora_b [r, out]``, so a
+layer computes ``y += scaling * (x @ lora_a) @ lora_b``. PEFT's PyTorch layout is the transpose
+(``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``); jlora.loader converts. For embedding
+LoRA, ``lora_a [vocab, r]`` is indexed by token id instead of multiplied.
+
+Banks stack adapters along a leading slot axis: ``a [slots, in, max_rank]``,
+``b [slots, max_rank, out]``, ``scale float32 [slots]``; slot 0 is all zeros ("no adapter").
+Imports only jlora.errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jlora.errors import AdapterMismatchError, AdapterWeightsError, UnknownAdapterError
+
+
+def _has_shape(*xs) -> bool:
+    # Pytree unflattening may pass placeholders (None, object()) instead of arrays: check only
+    # real arrays so construction-time validation never breaks JAX's tree utilities.
+    return all(hasattr(x, "shape") and hasattr(x, "dtype") for x in xs)
+
+
+@struct.dataclass
+class LoRALayerWeights:
+    """One module's LoRA: ``lora_a [in, r]``, ``lora_b [r, out]``, optional ``bias [out]``.
+
+    >>> import numpy as np
+    >>> w = LoRALayerWeights(module_name="q_proj", lora_a=np.ones((64, 8), np.float32),
+    ...                      lora_b=np.ones((8, 32), np.float32), scaling=2.0)
+    >>> (w.input_dim, w.rank, w.output_dim)
+    (64, 8, 32)
+    """
+
+    lora_a: jax.Array | np.ndarray
+    lora_b: jax.Array | np.ndarray
+    bias: jax.Array | np.ndarray | None = None
+    module_name: str = struct.field(pytree_node=False, default="")
+    scaling: float = struct.field(pytree_node=False, default=1.0)
+    is_embedding: bool = struct.field(pytree_node=False, default=False)
+
+    def __post_init__(self):
+        if not _has_shape(self.lora_a, self.lora_b):
+            return
+        a, b = self.lora_a, self.lora_b
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise AdapterWeightsError(
+                f"module {self.module_name!r}: lora_a {tuple(a.shape)} and lora_b "
+                f"{tuple(b.shape)} do not chain; expected lora_a [in, r] and lora_b [r, out]"
+            )
+        if _has_shape(self.bias) and tuple(self.bias.shape) != (b.shape[1],):
+            raise AdapterWeightsError(
+                f"module {self.module_name!r}: bias {tuple(self.bias.shape)} must be "
+                f"[{b.shape[1]}] to match lora_b's output dim"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[1])
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.lora_a.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.lora_b.shape[1])
+
+    def delta_weight(self) -> jax.Array:
+        """``scaling * lora_a @ lora_b`` in float32: what merging adds to a ``[in, out]`` kernel."""
+        a = jnp.asarray(self.lora_a, jnp.float32)
+        b = jnp.asarray(self.lora_b, jnp.float32)
+        return self.scaling * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+@struct.dataclass
+class PackedLoRALayerWeights:
+    """LoRA for a fused projection (qkv, gate_up): one optional ``LoRALayerWeights`` per output
+    slice, in the order the slices are concatenated along the output dim. ``None`` marks a slice
+    the adapter does not target."""
+
+    slices: tuple[LoRALayerWeights | None, ...]
+    module_name: str = struct.field(pytree_node=False, default="")
+
+    @property
+    def rank(self) -> int:
+        return max((s.rank for s in self.slices if s is not None), default=0)
+
+
+LayerWeights = LoRALayerWeights | PackedLoRALayerWeights
+
+
+@struct.dataclass
+class LoRAModel:
+    """One adapter: its id (>= 1), name, and per-module weights keyed by module path
+    (PEFT's names without the ``base_model.model.`` prefix, e.g. ``model.layers.0.mlp.up_proj``).
+    """
+
+    loras: dict[str, LayerWeights]
+    id: int = struct.field(pytree_node=False, default=1)
+    name: str = struct.field(pytree_node=False, default="")
+    path: str | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of any module (ranks differ with PEFT's ``rank_pattern``)."""
+        return max((w.rank for w in self.loras.values()), default=0)
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(self.loras)
+
+    def get_lora(self, module_name: str) -> LayerWeights | None:
+        """The weights for ``module_name``, or None when this adapter does not target it."""
+        return self.loras.get(module_name)
+
+    def check_lora_name(self, module_name: str) -> bool:
+        return module_name in self.loras
+
+    def __getitem__(self, module_name: str) -> LayerWeights:
+        try:
+            return self.loras[module_name]
+        except KeyError:
+            raise UnknownAdapterError(
+                f"adapter {self.name!r} (id {self.id}) has no LoRA for module {module_name!r}; "
+                f"it targets {sorted(self.loras)}"
+            ) from None
+
+    def clone(self, new_id: int) -> LoRAModel:
+        """Returns a copy with id ``new_id``; the arrays are shared (they are immutable)."""
+        if not isinstance(new_id, int) or new_id < 1:
+            raise AdapterMismatchError(f"adapter ids must be ints >= 1, got {new_id!r}")
+        return self.replace(id=new_id)
+
+    def optimize(self, dtype: jnp.dtype | str | None = None) -> LoRAModel:
+        """Returns a copy whose arrays are contiguous numpy arrays in ``dtype`` (default: kept),
+        ready for fast copies into device slot banks."""
+
+        def convert(x):
+            if x is None:
+                return None
+            return np.ascontiguousarray(np.asarray(x, dtype=dtype or np.asarray(x).dtype))
+
+        return jax.tree_util.tree_map(convert, self)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(self))
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(
+            math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+            for x in jax.tree_util.tree_leaves(self)
+        )
+
+
+@struct.dataclass
+class LoRABank:
+    """Device slot bank for one (slice of a) target module.
+
+    ``a [slots, in, max_rank]``, ``b [slots, max_rank, out]``, ``scale float32 [slots]``.
+    Slot 0 is all zeros and means "no adapter"; ranks below ``max_rank`` are zero-padded.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+
+    def __post_init__(self):
+        if not _has_shape(self.a, self.b, self.scale):
+            return
+        s, i, r = self.a.shape
+        if self.b.shape[:2] != (s, r) or self.scale.shape != (s,):
+            raise AdapterWeightsError(
+                f"LoRABank shapes disagree: a {self.a.shape} [slots, in, rank], "
+                f"b {self.b.shape} [slots, rank, out], scale {self.scale.shape} [slots]"
+            )
+
+    @classmethod
+    def zeros(
+        cls, num_slots: int, in_dim: int, out_dim: int, max_rank: int, dtype=jnp.float32
+    ) -> LoRABank:
+        """An empty bank: every slot zero (serves the base model)."""
+        return cls(
+            a=jnp.zeros((num_slots, in_dim, max_rank), dtype),
+            b=jnp.zeros((num_slots, max_rank, out_dim), dtype),
+            scale=jnp.zeros((num_slots,), jnp.float32),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.a.shape[2])
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.b.shape[2])
+
+
+def pad_to_rank(layer: LoRALayerWeights, max_rank: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``layer``'s A and B zero-padded along the rank dim to ``max_rank`` (host numpy, ``dtype``):
+    the rows a bank slot holds. Padding is exact: the extra rank columns contribute zero."""
+    if layer.rank > max_rank:
+        raise AdapterMismatchError(
+            f"module {layer.module_name!r}: rank {layer.rank} exceeds max_lora_rank {max_rank}; "
+            "raise LoRAConfig.max_lora_rank"
+        )
+    a = np.zeros((layer.input_dim, max_rank), dtype)
+    b = np.zeros((max_rank, layer.output_dim), dtype)
+    a[:, : layer.rank] = np.asarray(layer.lora_a)
+    b[: layer.rank] = np.asarray(layer.lora_b)
+    return a, b
+
+
+__all__ = [
+    "LoRABank",
+    "LoRALayerWeights",
+    "LoRAModel",
+    "LayerWeights",
+    "PackedLoRALayerWeights",
+    "pad_to_rank",
+]
