@@ -1,0 +1,235 @@
+"""Loads a HF PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors,
+PyTorch layout) into a ``LoRAModel`` in jlora's JAX layout, on the host.
+
+Order of work, so that bad input fails early and cheaply: parse + validate the config, open the
+safetensors file (its header is validated against the file size before any tensor is read, so a
+header declaring more data than the file holds fails without allocating), check every tensor name,
+dtype and shape against the config, and only then read, check for NaN/Inf, transpose and cast.
+Pickle files (``.bin``, ``.pt``) are refused, never opened. Imports jlora data-model modules only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from jlora.config import LoRAConfig
+from jlora.errors import (
+    AdapterConfigError,
+    AdapterMismatchError,
+    AdapterWeightsError,
+    UnsafeFormatError,
+)
+from jlora.peft import PEFTConfig, matches_target
+from jlora.weights import LoRALayerWeights, LoRAModel
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+PREFIX = "base_model.model."
+FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
+
+# base_model.model.<module>.lora_A.weight  /  <module>.lora_embedding_A  / <module>.lora_B.bias
+# (an optional ".<adapter_name>" before ".weight" appears in files saved by hand from state dicts)
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?P<adapter>[^.]+))??(?:\.(?P<param>weight|bias))?$"
+)
+
+CONVERT_HINT = (
+    "jlora never unpickles. Convert it to safetensors with PyTorch: "
+    "`PeftModel.from_pretrained(base, path).save_pretrained(out, safe_serialization=True)` "
+    "or `safetensors.torch.save_file(torch.load(path, weights_only=True), "
+    "'adapter_model.safetensors')`"
+)
+
+
+@dataclass
+class _Entry:
+    """Tensor names found for one module, before reading."""
+
+    a: str | None = None
+    b: str | None = None
+    bias: str | None = None
+    embedding: bool = False
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def default_adapter_id(path: str) -> int:
+    """A stable id >= 1 derived from the adapter's absolute path (pass ``adapter_id`` to choose)."""
+    return zlib.crc32(os.path.abspath(path).encode()) % (2**31 - 2) + 1
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    *,
+    adapter_id: int | None = None,
+    name: str | None = None,
+    config: LoRAConfig | None = None,
+    dtype: jnp.dtype | str | None = None,
+) -> LoRAModel:
+    """Reads a PEFT LoRA adapter directory into a host-side ``LoRAModel``.
+
+    Args:
+      path: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      adapter_id: id >= 1; default: stable hash of the absolute path.
+      name: default: the directory's base name.
+      config: serving limits to check against (max_lora_rank, bias_enabled, target_modules).
+      dtype: dtype of the converted arrays; default ``config.lora_dtype``, where "auto" (or no
+        config) keeps each tensor's stored dtype.
+
+    Raises:
+      AdapterConfigError, AdapterWeightsError (UnsafeFormatError for pickles),
+      AdapterMismatchError: each naming the file or module and the fix.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith((".bin", ".pt", ".pth", ".pkl")):
+        raise UnsafeFormatError(f"{path}: a pickle-based file. {CONVERT_HINT}")
+    if not os.path.isdir(path):
+        raise AdapterConfigError(f"{path}: not a directory; pass a PEFT adapter directory")
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_file):
+        pickles = [p for p in PICKLE_NAMES if os.path.isfile(os.path.join(path, p))]
+        if pickles:
+            raise UnsafeFormatError(
+                f"{os.path.join(path, pickles[0])}: only a pickle-based adapter is present. "
+                + CONVERT_HINT
+            )
+    peft_config = PEFTConfig.from_dir(path)
+    peft_config.validate_legal(config)
+    if not os.path.isfile(weights_file):
+        raise AdapterWeightsError(f"{weights_file}: not found; save the adapter with PEFT")
+    if os.path.getsize(weights_file) == 0:
+        raise AdapterWeightsError(f"{weights_file}: empty file; re-save the adapter")
+    if dtype is None and config is not None and config.lora_dtype != "auto":
+        dtype = config.lora_dtype
+    target_dtype = None if dtype is None else jnp.dtype(dtype)
+
+    try:
+        with safe_open(weights_file, framework="numpy") as f:
+            entries = _index_tensors(f, weights_file, peft_config, config)
+            loras = {
+                module: _read_layer(f, weights_file, module, entry, peft_config, target_dtype)
+                for module, entry in entries.items()
+            }
+    except SafetensorError as e:
+        raise AdapterWeightsError(
+            f"{weights_file}: truncated or corrupt safetensors file ({e}); re-save the adapter"
+        ) from None
+    if not loras:
+        raise AdapterWeightsError(f"{weights_file}: holds no LoRA tensors")
+    return LoRAModel(
+        loras=loras,
+        id=default_adapter_id(path) if adapter_id is None else adapter_id,
+        name=name or os.path.basename(os.path.normpath(path)),
+        path=path,
+    )
+
+
+def _index_tensors(f, file: str, peft: PEFTConfig, config: LoRAConfig | None) -> dict:
+    entries: dict[str, _Entry] = {}
+    for key in f.keys():
+        stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if ".base_layer." in stripped:
+            # PEFT's save_embedding_layers copies the base embedding / lm_head weights into
+            # the adapter when they are targeted; they belong to the base model, not the LoRA.
+            continue
+        m = _KEY.match(stripped)
+        if m is None:
+            raise AdapterWeightsError(
+                f"{file}: tensor {key!r} is not a LoRA weight (modules_to_save or another tuner?);"
+                " jlora serves LoRA A/B weights only"
+            )
+        module, part, param = m["module"], m["part"], m["param"]
+        entry = entries.setdefault(module, _Entry())
+        sl = f.get_slice(key)
+        dt = sl.get_dtype()
+        if dt not in FLOAT_DTYPES:
+            raise AdapterWeightsError(f"{file}: tensor {key!r} has dtype {dt}; expected a float")
+        entry.shapes[key] = tuple(sl.get_shape())
+        if param == "bias":
+            entry.bias = key
+        elif part.endswith("A"):
+            entry.a, entry.embedding = key, part.startswith("lora_embedding")
+        else:
+            entry.b = key
+    for module, e in entries.items():
+        if e.a is None or e.b is None:
+            have, miss = ("lora_A", "lora_B") if e.b is None else ("lora_B", "lora_A")
+            raise AdapterWeightsError(
+                f"{file}: module {module!r} has {have} but no {miss}; the file is incomplete"
+            )
+        _check_shapes(file, module, e, peft, config)
+    if config is not None and config.target_modules is not None:
+        unserved = [m for m in entries if not matches_target(m, config.target_modules)]
+        if unserved:
+            raise AdapterMismatchError(
+                f"{file}: modules {unserved} are outside LoRAConfig.target_modules="
+                f"{config.target_modules!r}; widen target_modules to serve this adapter"
+            )
+    return entries
+
+
+def _check_shapes(file, module, e: _Entry, peft: PEFTConfig, config) -> None:
+    a, b = e.shapes[e.a], e.shapes[e.b]
+    if len(a) != 2 or len(b) != 2:
+        raise AdapterWeightsError(
+            f"{file}: module {module!r}: lora A {a} and B {b} must both be 2-D"
+        )
+    # PyTorch layout: Linear A [r, in], B [out, r]; Embedding A [r, vocab], B [dim, r].
+    r = a[0]
+    if b[1] != r:
+        raise AdapterWeightsError(
+            f"{file}: module {module!r}: A {a} has rank {r} but B {b} has rank {b[1]}; "
+            "the two matrices do not belong together"
+        )
+    expected = peft.rank_for(module)
+    if r != expected:
+        raise AdapterWeightsError(
+            f"{file}: module {module!r}: tensors have rank {r} but adapter_config.json says "
+            f"r={expected} for it (r / rank_pattern); the config and weights disagree"
+        )
+    if config is not None and r > config.max_lora_rank:
+        raise AdapterMismatchError(
+            f"{file}: module {module!r}: rank {r} exceeds max_lora_rank={config.max_lora_rank}"
+        )
+    if e.bias is not None:
+        if config is None or not config.bias_enabled:
+            raise AdapterWeightsError(
+                f"{file}: module {module!r} carries a LoRA bias; use "
+                "LoRAConfig(bias_enabled=True) to serve it"
+            )
+        if e.shapes[e.bias] != (b[0],):
+            raise AdapterWeightsError(
+                f"{file}: module {module!r}: bias {e.shapes[e.bias]} must be [{b[0]}]"
+            )
+
+
+def _read_layer(f, file, module, e: _Entry, peft: PEFTConfig, dtype) -> LoRALayerWeights:
+    arrays = {}
+    for role, key in (("a", e.a), ("b", e.b), ("bias", e.bias)):
+        if key is None:
+            continue
+        x = f.get_tensor(key)
+        if not np.isfinite(x).all():
+            bad = int(np.size(x) - np.isfinite(x).sum())
+            raise AdapterWeightsError(
+                f"{file}: module {module!r}: tensor {key!r} holds {bad} NaN/Inf values; "
+                "the adapter is corrupt or diverged in training"
+            )
+        if role != "bias":
+            x = x.T  # PyTorch [r, in] / [out, r] -> JAX [in, r] / [r, out]
+        arrays[role] = np.ascontiguousarray(x if dtype is None else x.astype(dtype))
+    return LoRALayerWeights(
+        lora_a=arrays["a"],
+        lora_b=arrays["b"],
+        bias=arrays.get("bias"),
+        module_name=module,
+        scaling=peft.scaling_for(module),
+        is_embedding=e.embedding,
+    )
