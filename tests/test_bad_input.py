@@ -1,0 +1,253 @@
+"""Every kind of bad adapter input gets a clear ``jlora.LoRAError`` naming the file or module."""
+
+import json
+import shutil
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+from conftest import ADAPTERS_DIR
+from safetensors.numpy import load_file, save_file
+
+import jlora
+from jlora.errors import (
+    AdapterConfigError,
+    AdapterMismatchError,
+    AdapterWeightsError,
+    LoRAConfigError,
+    LoRAError,
+    MappingError,
+    UnsafeFormatError,
+)
+
+SOURCE = ADAPTERS_DIR / "attn_r8"
+A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+MODULE = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    """A writable copy of a real PEFT adapter (config + safetensors only)."""
+    d = tmp_path / "adapter"
+    d.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(SOURCE / f, d / f)
+    return d
+
+
+def edit_config(d, **changes):
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    for k, v in changes.items():
+        if v is ...:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def edit_tensors(d, fn):
+    tensors = load_file(d / "adapter_model.safetensors")
+    fn(tensors)
+    save_file(tensors, d / "adapter_model.safetensors")
+
+
+def expect(error, d, *fragments, **kwargs):
+    with pytest.raises(error) as info:
+        jlora.load_adapter(d, **kwargs)
+    assert isinstance(info.value, LoRAError) and isinstance(info.value, ValueError)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    return info.value
+
+
+def test_good_copy_loads(adapter):
+    assert jlora.load_adapter(adapter).rank == 8  # the fixture below is sound before mutation
+
+
+def test_missing_config(adapter):
+    (adapter / "adapter_config.json").unlink()
+    expect(AdapterConfigError, adapter, "adapter_config.json", "not found")
+
+
+def test_missing_safetensors(adapter):
+    (adapter / "adapter_model.safetensors").unlink()
+    expect(AdapterWeightsError, adapter, "adapter_model.safetensors", "not found")
+
+
+def test_empty_safetensors(adapter):
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    expect(AdapterWeightsError, adapter, "adapter_model.safetensors", "empty")
+
+
+def test_invalid_json(adapter):
+    (adapter / "adapter_config.json").write_text("{ r: 8,")
+    expect(AdapterConfigError, adapter, "adapter_config.json", "invalid JSON")
+
+
+@pytest.mark.parametrize("field", ["r", "lora_alpha", "target_modules"])
+def test_missing_required_field(adapter, field):
+    edit_config(adapter, **{field: ...})
+    expect(AdapterConfigError, adapter, "adapter_config.json", f"missing required field {field!r}")
+
+
+def test_all_missing_fields_reported_at_once(adapter):
+    edit_config(adapter, r=..., lora_alpha=...)
+    expect(AdapterConfigError, adapter, "'r'", "'lora_alpha'")
+
+
+@pytest.mark.parametrize("r", [0, -2])
+def test_nonpositive_rank(adapter, r):
+    edit_config(adapter, r=r)
+    expect(AdapterConfigError, adapter, f"r must be a positive int, got {r}")
+
+
+def test_rank_above_max_lora_rank(adapter):
+    config = jlora.LoRAConfig(max_loras=2, max_lora_rank=4)
+    expect(AdapterConfigError, adapter, "r=8 exceeds max_lora_rank=4", config=config)
+
+
+@pytest.mark.parametrize("alpha", [0, -1.5])
+def test_nonpositive_alpha(adapter, alpha):
+    edit_config(adapter, lora_alpha=alpha)
+    expect(AdapterConfigError, adapter, "lora_alpha must be a positive number")
+
+
+def test_every_config_problem_reported_at_once(adapter):
+    edit_config(adapter, r=0, lora_alpha=-1, use_dora=True, modules_to_save=["lm_head"])
+    err = expect(AdapterConfigError, adapter)
+    for fragment in ("r must be", "lora_alpha must be", "use_dora", "modules_to_save"):
+        assert fragment in str(err)
+
+
+def test_shape_inconsistent_with_config_rank(adapter):
+    edit_config(adapter, r=4)
+    expect(AdapterWeightsError, adapter, "module 'model.layers.0.self_attn.", "rank 8", "r=4")
+
+
+def test_shape_inconsistent_between_a_and_b(adapter):
+    edit_tensors(adapter, lambda t: t.__setitem__(B_KEY, t[B_KEY][:, :6].copy()))
+    expect(AdapterWeightsError, adapter, MODULE, "do not belong together")
+
+
+def test_lora_a_without_lora_b(adapter):
+    edit_tensors(adapter, lambda t: t.pop(B_KEY))
+    expect(AdapterWeightsError, adapter, MODULE, "has lora_A but no lora_B")
+
+
+def test_modules_to_save(adapter):
+    edit_config(adapter, modules_to_save=["score"])
+    expect(AdapterConfigError, adapter, "modules_to_save", "merge")
+
+
+def test_use_dora(adapter):
+    edit_config(adapter, use_dora=True)
+    expect(AdapterConfigError, adapter, "DoRA")
+
+
+def test_bias_without_bias_enabled(adapter):
+    edit_config(adapter, bias="lora_only")
+    expect(AdapterConfigError, adapter, "bias='lora_only'", "bias_enabled=True")
+
+
+def test_bias_accepted_when_enabled(adapter):
+    edit_config(adapter, bias="lora_only")
+    config = jlora.LoRAConfig(max_loras=2, max_lora_rank=8, bias_enabled=True)
+    assert jlora.load_adapter(adapter, config=config).rank == 8
+
+
+def test_truncated_safetensors(adapter):
+    f = adapter / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    expect(AdapterWeightsError, adapter, "adapter_model.safetensors", "truncated or corrupt")
+
+
+def test_garbage_safetensors(adapter):
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x07" * 64)
+    expect(AdapterWeightsError, adapter, "truncated or corrupt")
+
+
+def test_header_declaring_huge_tensors_fails_before_allocating(adapter):
+    f = adapter / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header[A_KEY]["shape"] = [8, 400_000_000]  # 12.8 GB of float32 in a file of a few KB
+    header[A_KEY]["data_offsets"] = [0, 8 * 400_000_000 * 4]
+    blob = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+    tracemalloc.start()
+    try:
+        expect(AdapterWeightsError, adapter, "truncated or corrupt")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"peak {peak / 2**20:.0f} MiB: something was allocated"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weight_names_module(adapter, bad):
+    def poison(t):
+        t[B_KEY] = t[B_KEY].copy()
+        t[B_KEY][3, 1] = bad
+
+    edit_tensors(adapter, poison)
+    expect(AdapterWeightsError, adapter, MODULE, "NaN/Inf")
+
+
+def test_non_lora_tensor_refused(adapter):
+    edit_tensors(adapter, lambda t: t.__setitem__("base_model.model.score.weight", np.ones(3)))
+    expect(AdapterWeightsError, adapter, "score.weight", "not a LoRA weight")
+
+
+def test_integer_tensor_refused(adapter):
+    edit_tensors(adapter, lambda t: t.__setitem__(A_KEY, t[A_KEY].astype(np.int32)))
+    expect(AdapterWeightsError, adapter, A_KEY, "expected a float")
+
+
+@pytest.mark.parametrize("name", ["adapter_model.bin", "adapter_model.pt"])
+def test_pickle_directory_refused_without_opening(adapter, name):
+    (adapter / "adapter_model.safetensors").unlink()
+    # Were this file unpickled, it would raise something else entirely (it is not a pickle).
+    (adapter / name).write_bytes(b"\x80\x04 not really a pickle")
+    expect(UnsafeFormatError, adapter, name, "never unpickles", "safetensors")
+
+
+def test_pickle_file_path_refused(tmp_path):
+    f = tmp_path / "adapter_model.bin"
+    f.write_bytes(b"\x80\x04")
+    expect(UnsafeFormatError, f, "adapter_model.bin", "never unpickles")
+
+
+def test_target_modules_filter(adapter):
+    config = jlora.LoRAConfig(max_loras=2, max_lora_rank=8, target_modules=["q_proj"])
+    expect(AdapterMismatchError, adapter, "k_proj", "target_modules", config=config)
+
+
+def test_failed_load_leaves_files_untouched(adapter):
+    edit_config(adapter, r=0)
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    expect(AdapterConfigError, adapter)
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(lora_name="a", lora_int_id=0, lora_path="/x"), "lora_int_id must be an int >= 1"),
+        (dict(lora_name="a", lora_int_id=-3, lora_path="/x"), "lora_int_id must be an int >= 1"),
+        (dict(lora_name="a", lora_int_id=True, lora_path="/x"), "lora_int_id"),
+        (dict(lora_name="a", lora_int_id=1, lora_path=""), "lora_path must be a non-empty"),
+        (dict(lora_name="", lora_int_id=1, lora_path="/x"), "lora_name must be"),
+    ],
+)
+def test_bad_lora_request(kwargs, fragment):
+    with pytest.raises(LoRAConfigError, match=fragment):
+        jlora.LoRARequest(**kwargs)
+
+
+@pytest.mark.parametrize("slots", [[0, 3], [-1, 0], [1, 99]])
+def test_mapping_out_of_range_slot(slots):
+    with pytest.raises(MappingError, match="outside"):
+        jlora.LoRAMapping.build(slots, [2, 2], num_slots=3)

@@ -1,0 +1,187 @@
+"""LoRAConfig, weights, LoRAModel, LoRARequest, PEFTConfig: construction checks and behaviour."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ADAPTERS_DIR
+
+import jlora
+from jlora.errors import AdapterWeightsError, LoRAConfigError, UnknownAdapterError
+from jlora.peft import PEFTConfig, matches_target
+from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
+
+
+def layer(rng, name="m", i=16, r=4, o=8, dtype=np.float32, scaling=2.0):
+    return LoRALayerWeights(
+        lora_a=rng.standard_normal((i, r)).astype(dtype),
+        lora_b=rng.standard_normal((r, o)).astype(dtype),
+        module_name=name,
+        scaling=scaling,
+    )
+
+
+class TestLoRAConfig:
+    def test_defaults(self):
+        c = jlora.LoRAConfig(max_loras=3, max_lora_rank=8)
+        assert c.max_cpu_loras == 3 and c.lora_dtype == "auto"
+        assert jax.tree_util.tree_leaves(c) == []  # all static: usable as a jit static arg
+        assert hash(c) == hash(jlora.LoRAConfig(max_loras=3, max_lora_rank=8))
+
+    @pytest.mark.parametrize(
+        "kwargs,fragment",
+        [
+            (dict(max_loras=0), "max_loras"),
+            (dict(max_loras=2.5), "max_loras"),
+            (dict(max_lora_rank=0), "max_lora_rank"),
+            (dict(max_loras=4, max_cpu_loras=2), "max_cpu_loras"),
+            (dict(lora_dtype="int8"), "lora_dtype"),
+            (dict(target_modules="(unclosed"), "regex"),
+            (dict(target_modules=[1, 2]), "target_modules"),
+        ],
+    )
+    def test_invalid(self, kwargs, fragment):
+        with pytest.raises(LoRAConfigError, match=fragment):
+            jlora.LoRAConfig(**kwargs)
+
+    def test_dtype(self):
+        assert jlora.LoRAConfig(lora_dtype="bfloat16").jnp_dtype() == jnp.bfloat16
+        assert jlora.LoRAConfig().jnp_dtype(jnp.float16) == jnp.float16
+
+
+class TestWeights:
+    def test_layer_shapes(self, rng):
+        w = layer(rng, i=10, r=3, o=7)
+        assert (w.input_dim, w.rank, w.output_dim) == (10, 3, 7)
+        np.testing.assert_allclose(
+            w.delta_weight(), 2.0 * w.lora_a.astype(np.float64) @ w.lora_b, rtol=1e-5
+        )
+
+    def test_layer_rejects_mismatch(self, rng):
+        with pytest.raises(AdapterWeightsError, match="do not chain"):
+            LoRALayerWeights(lora_a=np.ones((4, 3)), lora_b=np.ones((2, 5)), module_name="x.q_proj")
+        with pytest.raises(AdapterWeightsError, match="bias"):
+            LoRALayerWeights(lora_a=np.ones((4, 3)), lora_b=np.ones((3, 5)), bias=np.ones(4))
+
+    def test_layer_is_pytree(self, rng):
+        w = layer(rng)
+        leaves, tree = jax.tree_util.tree_flatten(w)
+        assert len(leaves) == 2
+        w2 = jax.tree_util.tree_unflatten(tree, [x * 2 for x in leaves])
+        assert w2.scaling == w.scaling and w2.module_name == "m"
+        np.testing.assert_array_equal(w2.lora_a, w.lora_a * 2)
+
+    def test_packed_rank(self, rng):
+        p = PackedLoRALayerWeights(slices=(layer(rng, r=2), None, layer(rng, r=6)))
+        assert p.rank == 6
+
+    def test_model_api(self, rng):
+        m = LoRAModel(
+            loras={"a.q_proj": layer(rng, "a.q_proj"), "a.v_proj": layer(rng, "a.v_proj", r=2)},
+            id=3,
+            name="sql",
+        )
+        assert m.rank == 4 and m.check_lora_name("a.q_proj") and not m.check_lora_name("x")
+        assert m.get_lora("x") is None and m.get_lora("a.v_proj").rank == 2
+        assert m.num_parameters == 16 * 4 + 4 * 8 + 16 * 2 + 2 * 8
+        assert m.num_bytes == 4 * m.num_parameters
+        with pytest.raises(UnknownAdapterError, match="sql"):
+            m["nope"]
+        c = m.clone(7)
+        assert (c.id, c.name, m.id) == (7, "sql", 3)
+        assert c.loras["a.q_proj"].lora_a is m.loras["a.q_proj"].lora_a
+        with pytest.raises(jlora.LoRAError):
+            m.clone(0)
+
+    def test_optimize_returns_new_contiguous_value(self, rng):
+        w = layer(rng)
+        w = w.replace(lora_a=np.asfortranarray(w.lora_a))
+        m = LoRAModel(loras={"m": w}, id=1, name="x")
+        o = m.optimize(jnp.bfloat16)
+        assert o is not m and m.loras["m"].lora_a.dtype == np.float32
+        assert o.loras["m"].lora_a.dtype == jnp.bfloat16
+        assert o.loras["m"].lora_a.flags["C_CONTIGUOUS"]
+        assert o.num_bytes == m.num_bytes // 2
+
+    def test_bank(self):
+        bank = LoRABank.zeros(5, 12, 7, 4, jnp.bfloat16)
+        assert (bank.num_slots, bank.input_dim, bank.max_rank, bank.output_dim) == (5, 12, 4, 7)
+        assert bank.scale.dtype == jnp.float32
+        with pytest.raises(AdapterWeightsError):
+            LoRABank(a=bank.a, b=bank.b[:, :2], scale=bank.scale)
+
+
+class TestLoRARequest:
+    def test_accessors_and_identity(self):
+        r = jlora.LoRARequest(lora_name="sql", lora_int_id=5, lora_path=ADAPTERS_DIR / "attn_r8")
+        assert (r.adapter_id, r.name) == (5, "sql") and isinstance(r.path, str)
+        same = jlora.LoRARequest(lora_name="other", lora_int_id=5, lora_path="/x")
+        assert r == same and hash(r) == hash(same)
+        with pytest.raises(AttributeError):
+            r.lora_int_id = 6  # frozen
+
+
+class TestPEFTConfig:
+    def test_suffix_and_layers(self):
+        assert matches_target("model.layers.0.self_attn.q_proj", ("q_proj",))
+        assert not matches_target("model.layers.0.self_attn.xq_proj", ("q_proj",))
+        assert matches_target("lm_head", ("lm_head",))
+        assert matches_target("model.layers.1.self_attn.q_proj", ("q_proj",), (1,))
+        assert not matches_target("model.layers.0.self_attn.q_proj", ("q_proj",), (1,))
+
+    def test_regex_is_full_match(self):
+        rx = r".*\.(q_proj|v_proj)$"
+        assert matches_target("model.layers.3.self_attn.v_proj", rx)
+        assert not matches_target("model.layers.3.self_attn.o_proj", rx)
+        assert not matches_target("x.q_proj", "q_proj")  # fullmatch, not search
+
+    def test_scaling_rules(self):
+        cfg = PEFTConfig.from_dict(
+            {
+                "r": 16,
+                "lora_alpha": 32,
+                "target_modules": ["q_proj", "down_proj"],
+                "rank_pattern": {"down_proj": 4},
+                "alpha_pattern": {"model.layers.1.self_attn.q_proj": 8},
+                "some_future_key": {"ignored": True},
+            }
+        )
+        assert cfg.scaling_for("model.layers.0.self_attn.q_proj") == 2.0
+        assert cfg.scaling_for("model.layers.1.self_attn.q_proj") == 0.5
+        assert cfg.rank_for("model.layers.0.mlp.down_proj") == 4
+        assert cfg.scaling_for("model.layers.0.mlp.down_proj") == 8.0
+        rs = PEFTConfig.from_dict(
+            {"r": 16, "lora_alpha": 8, "target_modules": "q_proj", "use_rslora": True}
+        )
+        assert rs.scaling_for("q_proj") == 8 / math.sqrt(16)
+
+    def test_from_dir_matches_loader(self):
+        cfg = PEFTConfig.from_dir(ADAPTERS_DIR / "mlp_r4_rslora")
+        assert cfg.use_rslora and cfg.r == 4 and cfg.source.endswith("adapter_config.json")
+        cfg.validate_legal(jlora.LoRAConfig(max_lora_rank=4))
+
+
+def test_loaded_adapter_layout_and_defaults():
+    path = ADAPTERS_DIR / "attn_r8"
+    m = jlora.load_adapter(path)
+    assert m.name == "attn_r8" and m.id >= 1 and m.id == jlora.load_adapter(path).id
+    q = m["model.layers.0.self_attn.q_proj"]
+    k = m["model.layers.0.self_attn.k_proj"]
+    assert q.lora_a.shape == (64, 8) and q.lora_b.shape == (8, 64)  # [in, r], [r, out]
+    assert k.lora_b.shape == (8, 32)  # GQA: 2 KV heads x 16
+    m2 = jlora.load_adapter(path, adapter_id=9, name="x", dtype="float16")
+    assert (m2.id, m2.name) == (9, "x") and q.lora_a.dtype == np.float32
+    assert m2["model.layers.0.self_attn.q_proj"].lora_a.dtype == np.float16
+    cfg = jlora.LoRAConfig(max_lora_rank=8, lora_dtype="bfloat16")
+    loaded = jlora.load_adapter(path, config=cfg)
+    assert loaded["model.layers.0.self_attn.q_proj"].lora_a.dtype == jnp.bfloat16
+
+
+def test_embedding_adapter_layout():
+    m = jlora.load_adapter(ADAPTERS_DIR / "embed_lmhead_r4")
+    emb = m["model.embed_tokens"]
+    assert emb.is_embedding and emb.lora_a.shape == (128, 4) and emb.lora_b.shape == (4, 64)
+    head = m["lm_head"]
+    assert not head.is_embedding and head.lora_a.shape == (64, 4) and head.lora_b.shape == (4, 128)

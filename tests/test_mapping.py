@@ -1,0 +1,85 @@
+"""LoRAMapping: host-built token/sequence -> slot tables, sorted segments and buckets."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jlora.errors import MappingError
+from jlora.mapping import LoRAMapping, batch_bucket, token_bucket
+
+
+def test_worked_example_from_docstring():
+    m = LoRAMapping.build([2, 0, 2, 1], [3, 1, 2, 2], num_slots=3)
+    np.testing.assert_array_equal(m.token_slots, [2, 2, 2, 0, 2, 2, 1, 1] + [0] * 8)
+    np.testing.assert_array_equal(
+        m.sorted_token_ids, [3, 8, 9, 10, 11, 12, 13, 14, 15, 6, 7, 0, 1, 2, 4, 5]
+    )
+    np.testing.assert_array_equal(m.slot_counts, [9, 2, 5])
+    np.testing.assert_array_equal(m.slot_starts, [0, 9, 11])
+    np.testing.assert_array_equal(m.seq_slots, [2, 0, 2, 1])
+    assert m.is_prefill and m.num_tokens == 16 and m.num_slots == 3
+
+
+def test_buckets():
+    assert [token_bucket(n) for n in (0, 1, 16, 17, 100, 512, 513, 2048)] == [
+        16, 16, 16, 32, 128, 512, 1024, 2048,
+    ]  # fmt: skip
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 32, 33)] == [1, 2, 4, 8, 32, 64]
+
+
+def test_explicit_padding_and_overflow():
+    m = LoRAMapping.build([1, 1], [1, 1], num_slots=2, is_prefill=False, num_tokens=8, num_seqs=4)
+    assert m.num_tokens == 8 and m.seq_slots.shape == (4,) and not m.is_prefill
+    with pytest.raises(MappingError, match="do not fit"):
+        LoRAMapping.build([1, 1], [5, 5], num_slots=2, num_tokens=8)
+    with pytest.raises(MappingError, match="do not fit"):
+        LoRAMapping.build([1, 1, 1], [1, 1, 1], num_slots=2, num_seqs=2)
+
+
+@pytest.mark.parametrize(
+    "slots,lengths,fragment",
+    [
+        ([0, 1], [1], "entries"),
+        ([0, 1], [1, -1], ">= 0"),
+        ([0.5], [1], "ints"),
+        ([[0]], [[1]], "1-D"),
+    ],
+)
+def test_bad_input(slots, lengths, fragment):
+    with pytest.raises(MappingError, match=fragment):
+        LoRAMapping.build(slots, lengths, num_slots=4)
+
+
+def test_bad_num_slots():
+    with pytest.raises(MappingError, match="num_slots"):
+        LoRAMapping.build([0], [1], num_slots=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 9).flatmap(
+        lambda s: st.tuples(
+            st.just(s),
+            st.lists(st.tuples(st.integers(0, s - 1), st.integers(0, 40)), max_size=12),
+        )
+    )
+)
+def test_invariants(case):
+    num_slots, seqs = case
+    slots = np.array([s for s, _ in seqs], np.int64)
+    lengths = np.array([n for _, n in seqs], np.int64)
+    m = LoRAMapping.build(slots, lengths, num_slots=num_slots)
+    tok = np.asarray(m.token_slots)
+    order = np.asarray(m.sorted_token_ids)
+    counts, starts = np.asarray(m.slot_counts), np.asarray(m.slot_starts)
+    assert tok.shape == (token_bucket(int(lengths.sum())),)
+    np.testing.assert_array_equal(np.sort(order), np.arange(tok.size))  # a permutation
+    assert (np.diff(tok[order]) >= 0).all()  # sorted by slot
+    for s in range(num_slots):
+        seg = order[starts[s] : starts[s] + counts[s]]
+        assert (tok[seg] == s).all() and (np.diff(seg) > 0).all()  # stable within the segment
+    assert counts.sum() == tok.size
+    expected = np.repeat(slots, lengths) if slots.size else np.zeros(0, int)
+    np.testing.assert_array_equal(tok[: expected.size], expected)
+    assert (tok[expected.size :] == 0).all()
