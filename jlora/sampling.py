@@ -1,0 +1,95 @@
+"""SamplingParams and a jittable per-row sampler (greedy, temperature, top-k, top-p, seeds).
+
+Every row carries its own parameters as arrays, so one compiled step serves a batch that mixes
+greedy and sampled requests. A row's random stream depends only on its own seed and how many
+tokens it has generated, never on which other requests share the batch. Imports jlora.errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jlora.errors import LoRAConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to pick each next token of one request.
+
+    Attributes:
+      max_tokens: tokens to generate at most (>= 1).
+      temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature).
+      top_k: keep the k most likely tokens (0 = all).
+      top_p: keep the smallest set of tokens whose probability reaches top_p (1.0 = all).
+      seed: seed of this request's random stream (sampled requests are reproducible).
+      stop_token_ids: generation ends after any of these tokens (it is included in the output).
+      logprobs: also return the log-probability of each generated token.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        problems = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if problems:
+            raise LoRAConfigError("Invalid SamplingParams: " + "; ".join(problems))
+
+
+def sample(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    seeds: jax.Array,
+    steps: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Picks one token per row.
+
+    Args:
+      logits: ``[B, V]``.
+      temperature: ``f32 [B]`` (0 = greedy). top_k: ``i32 [B]`` (0 = off). top_p: ``f32 [B]``.
+      seeds: ``u32 [B]`` per-request seeds. steps: ``i32 [B]`` tokens generated so far.
+
+    Returns:
+      ``(tokens i32 [B], logprobs f32 [B])``: logprobs are of the model's unprocessed
+      distribution (log_softmax of the logits), as vLLM reports them.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(top_k > 0, top_k, vocab)[:, None]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the mass before it is below top_p: the top token always survives.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (rank < k) & (mass_before < top_p[:, None])
+    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+    tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
