@@ -1,0 +1,450 @@
+"""``jlora.apply``: multi-LoRA for an existing Flax model (NNX or Linen) without editing its code.
+
+NNX: graph surgery on a clone of the model. Each targeted ``nnx.Linear``, ``LinearGeneral``,
+``Einsum`` or ``Embed`` becomes an instance of a LoRA subclass of its own class (``LoRALinear``,
+...) holding the *same* variables and two static attributes (its ``TargetModule`` and
+``LayerView``). Parameter paths, types and values are unchanged, so ``nnx.state(model, nnx.Param)``
+of the wrapped model equals the original's, checkpoints and shardings keyed by path still apply,
+and the model holds no LoRA state at all: that comes from ``jlora.lora_context`` at call time.
+
+Linen: ``nn.intercept_methods`` around ``Module.apply``; the returned ``LoRALinenModel`` has the
+module's ``init``/``apply`` and the parameter tree is the module's own.
+
+Targets are matched by their dotted module path the way PEFT matches ``target_modules`` (a list
+of names or dotted suffixes, a regex string that must match the whole path, or ``"all-linear"``).
+A fused projection (``qkv_proj``, ``gate_up_proj``) is one target with one output slice per PEFT
+module it serves, declared by ``packed_modules`` or the model's ``packed_modules_mapping``.
+
+Imports jlora data-model modules and jlora.context only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from jlora.config import LoRAConfig
+from jlora.context import LayerView, einsum_dims, lora_forward
+from jlora.errors import AdapterMismatchError
+from jlora.peft import matches_target
+from jlora.targets import TargetModule
+from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
+
+# suffix of a fused layer's path -> its output slices: (PEFT module suffix, out features), in
+# the order they are concatenated along the output dim.
+PackedModules = Mapping[str, Sequence[tuple[str, int]]]
+TargetSpec = Sequence[str] | str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """A LoRA-able layer found in a model (or the reason it is not LoRA-able)."""
+
+    name: str
+    kind: str  # "linear" or "embed"
+    in_dim: int = 0
+    out_dim: int = 0
+    view: LayerView | None = None
+    unsupported: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def apply(
+    model: nnx.Module | nn.Module,
+    config: LoRAConfig | None = None,
+    *,
+    target_modules: TargetSpec = None,
+    packed_modules: PackedModules | None = None,
+    sample_args: Sequence[Any] | None = None,
+    sample_kwargs: Mapping[str, Any] | None = None,
+    path_to_name: Callable[[tuple[str, ...]], str] | None = None,
+):
+    """Returns ``model`` with multi-LoRA support on every targeted layer.
+
+    Args:
+      model: an ``nnx.Module`` (left unchanged; a clone sharing its arrays is returned) or a Linen
+        ``nn.Module`` (a ``LoRALinenModel`` is returned).
+      config: ``config.target_modules`` is used when ``target_modules`` is None.
+      target_modules: PEFT-style names, dotted suffixes, a full-path regex, or ``"all-linear"``
+        (every Linear-like layer except ``lm_head``); None: every supported layer.
+      packed_modules: ``{"qkv_proj": (("q_proj", 2048), ("k_proj", 512), ("v_proj", 512))}``;
+        default: the model's ``packed_modules_mapping`` attribute, if any.
+      sample_args / sample_kwargs: Linen only: inputs for ``module.init`` (run abstractly with
+        ``jax.eval_shape``, nothing is allocated) to find the layers and their dims.
+      path_to_name: Linen only: module path -> dotted name; default joins with "." after turning
+        Linen's list names ``layers_3`` into ``layers.3`` (as PyTorch's ``ModuleList`` names them).
+
+    Raises:
+      AdapterMismatchError: ``target_modules`` (or one of its entries) matches no layer, or matches
+        a layer jlora cannot wrap; a packed layer's slices do not add up to its output dim.
+
+    The wrapped model's forward is the model's own; LoRA state comes from ``jlora.lora_context``.
+    ``jlora.find_targets(wrapped)`` reports the ``TargetModule`` s the adapter manager allocates.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> mlp = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    >>> [t.name for t in find_targets(apply(mlp))]
+    ['layers.0', 'layers.1']
+    """
+    if target_modules is None and config is not None:
+        target_modules = config.target_modules
+    if isinstance(target_modules, list):
+        target_modules = tuple(target_modules)
+    if packed_modules is None:
+        packed_modules = getattr(model, "packed_modules_mapping", None) or {}
+    if isinstance(model, nn.Module):
+        if sample_args is None:
+            raise TypeError("jlora.apply on a Linen module needs sample_args for module.init")
+        return _apply_linen(
+            model,
+            target_modules,
+            packed_modules,
+            tuple(sample_args),
+            dict(sample_kwargs or {}),
+            path_to_name or linen_path_to_name,
+        )
+    if isinstance(model, nnx.Module):
+        if sample_args is not None or sample_kwargs is not None or path_to_name is not None:
+            raise TypeError("sample_args, sample_kwargs and path_to_name are for Linen modules")
+        return _apply_nnx(model, target_modules, packed_modules)
+    raise TypeError(f"jlora.apply needs a flax nnx.Module or linen Module, got {type(model)}")
+
+
+def find_targets(model) -> tuple[TargetModule, ...]:
+    """The ``TargetModule`` s of a model returned by ``jlora.apply``, in model order."""
+    if isinstance(model, LoRALinenModel):
+        return model.targets
+    if isinstance(model, nnx.Module):
+        return tuple(m._jlora_target for _, m in nnx.iter_modules(model) if _is_lora(m))
+    raise TypeError(f"find_targets needs a model returned by jlora.apply, got {type(model)}")
+
+
+def check_adapter(targets: Iterable[TargetModule], adapter: LoRAModel) -> None:
+    """Raises ``AdapterMismatchError`` unless every module of ``adapter`` is a slice of one of
+    ``targets`` with the same dims (embedding LoRA on an embedding target, Linear on Linear)."""
+    slices = {}
+    for t in targets:
+        for i, peft_name in enumerate(t.peft_names):
+            slices[peft_name] = (t, i)
+        if t.is_packed:
+            slices[t.name] = (t, None)
+    label = f"adapter {adapter.name!r}" + (f" ({adapter.path})" if adapter.path else "")
+    unmatched = [m for m in adapter.loras if m not in slices]
+    if unmatched:
+        known = sorted(slices)
+        raise AdapterMismatchError(
+            f"{label}: modules {unmatched} match no LoRA target of the model "
+            f"(it has {len(known)}, e.g. {known[:6]}); was it trained for another model, or "
+            "were these layers left out of target_modules?"
+        )
+    problems = []
+    for module, weights in adapter.loras.items():
+        target, index = slices[module]
+        if isinstance(weights, PackedLoRALayerWeights):
+            if index is not None or len(weights.slices) != len(target.out_dims):
+                problems.append(
+                    f"{module}: packed weights with {len(weights.slices)} slices, the model's "
+                    f"{target.name!r} has {len(target.out_dims)}"
+                )
+                continue
+            pairs = [(w, i) for i, w in enumerate(weights.slices) if w is not None]
+        elif index is None:
+            problems.append(f"{module}: one LoRA for packed layer {target.name!r}; give slices")
+            continue
+        else:
+            pairs = [(weights, index)]
+        for w, i in pairs:
+            problems.extend(_dim_problems(module, w, target, i))
+    if problems:
+        raise AdapterMismatchError(f"{label} does not fit the model: " + "; ".join(problems))
+
+
+def _dim_problems(module: str, w: LoRALayerWeights, target: TargetModule, i: int) -> list[str]:
+    if w.is_embedding != target.is_embedding:
+        kinds = ("an embedding", "a linear") if w.is_embedding else ("a linear", "an embedding")
+        return [f"{module}: {kinds[0]} LoRA, but the model's {target.name!r} is {kinds[1]} layer"]
+    if (w.input_dim, w.output_dim) != (target.in_dim, target.out_dims[i]):
+        what = "vocab" if target.is_embedding else "in"
+        return [
+            f"{module}: LoRA is [{what}={w.input_dim}, out={w.output_dim}], the model's layer "
+            f"{target.name!r} is [{what}={target.in_dim}, out={target.out_dims[i]}]"
+        ]
+    return []
+
+
+def linen_path_to_name(path: Sequence[str]) -> str:
+    """``("model", "layers_3", "q_proj")`` -> ``"model.layers.3.q_proj"``."""
+    return ".".join(re.sub(r"^(.+)_(\d+)$", r"\1.\2", str(p)) for p in path)
+
+
+# --------------------------------------------------------------------------------------------
+# Target selection (shared by NNX and Linen)
+# --------------------------------------------------------------------------------------------
+
+
+def _select(
+    layers: Sequence[_Layer], target_modules: TargetSpec, packed: PackedModules
+) -> list[TargetModule]:
+    explicit = target_modules is not None
+    all_linear = target_modules == "all-linear"
+    targets, hits = [], {}
+    for layer in layers:
+        slices = _slices(layer, packed)
+        names = (layer.name, *(n for n, _ in slices))
+        if not explicit:
+            matched = layer.unsupported is None
+        elif all_linear:
+            matched = layer.kind == "linear" and layer.name.split(".")[-1] != "lm_head"
+        else:
+            matched = False
+            entries = (target_modules,) if isinstance(target_modules, str) else target_modules
+            for entry in entries:
+                spec = entry if isinstance(target_modules, str) else (entry,)
+                if any(matches_target(n, spec) for n in names):
+                    hits.setdefault(entry, layer.name)
+                    matched = True
+        if not matched:
+            continue
+        if layer.unsupported is not None:
+            raise AdapterMismatchError(
+                f"target_modules {target_modules!r} matches layer {layer.name!r}, which jlora "
+                f"cannot wrap: {layer.unsupported}"
+            )
+        targets.append(
+            TargetModule(
+                name=layer.name,
+                in_dim=layer.in_dim,
+                out_dims=tuple(d for _, d in slices),
+                peft_names=tuple(n for n, _ in slices),
+                is_embedding=layer.kind == "embed",
+            )
+        )
+    available = [layer.name for layer in layers if layer.unsupported is None]
+    if explicit and not all_linear:
+        entries = (target_modules,) if isinstance(target_modules, str) else target_modules
+        missing = [e for e in entries if e not in hits]
+        if missing:
+            raise AdapterMismatchError(
+                f"target_modules {list(missing)} match no layer of the model; its LoRA-able "
+                f"layers are {_abbrev(available)}"
+            )
+    if not targets:
+        raise AdapterMismatchError(
+            f"no layer of the model matches target_modules={target_modules!r}; its LoRA-able "
+            f"layers are {_abbrev(available)}"
+        )
+    return targets
+
+
+def _slices(layer: _Layer, packed: PackedModules) -> list[tuple[str, int]]:
+    """``[(peft_name, out_dim), ...]`` for ``layer``: one slice, or the packed ones."""
+    prefix, _, leaf = layer.name.rpartition(".")
+    spec = packed.get(leaf)
+    if spec is None or layer.unsupported is not None:
+        return [(layer.name, layer.out_dim)]
+    slices = [(f"{prefix}.{n}" if prefix else n, int(d)) for n, d in spec]
+    if layer.kind == "embed" or sum(d for _, d in slices) != layer.out_dim:
+        raise AdapterMismatchError(
+            f"packed layer {layer.name!r} has {layer.out_dim} output features but "
+            f"packed_modules[{leaf!r}] = {list(spec)} add up to {sum(d for _, d in slices)}"
+        )
+    return slices
+
+
+def _abbrev(names: Sequence[str], n: int = 8) -> str:
+    shown = ", ".join(names[:n])
+    return f"[{shown}{', ...' if len(names) > n else ''}] ({len(names)} in all)"
+
+
+# --------------------------------------------------------------------------------------------
+# NNX: graph surgery
+# --------------------------------------------------------------------------------------------
+
+
+# base class -> its LoRA subclass, and LoRA subclass -> its base class
+_LORA_CLASSES: dict[type, type] = {}
+_BASE_CLASSES: dict[type, type] = {}
+
+
+def _lora_class(cls: type) -> type:
+    """``LoRA<cls>``: ``cls`` whose ``__call__`` adds the active context's LoRA to the output.
+
+    One class per base class (cached), so graph definitions, and with them jit caches, are stable.
+    """
+    if cls in _LORA_CLASSES:
+        return _LORA_CLASSES[cls]
+
+    def __call__(self, inputs, *args, **kwargs):
+        y = cls.__call__(self, inputs, *args, **kwargs)
+        view = self._jlora_view
+        if view.kind == "einsum":
+            einsum_str = kwargs.get("einsum_str", args[0] if args else None)
+            if einsum_str is not None:
+                view = LayerView("einsum", einsum_str=einsum_str)
+        return lora_forward(self._jlora_target, view, inputs, y)
+
+    __call__.__doc__ = f"{cls.__name__}.__call__ plus LoRA from ``jlora.lora_context``."
+    name = f"LoRA{cls.__name__}"
+    new = type(cls)(name, (cls,), {"__call__": __call__, "__module__": __name__})
+    new.__qualname__ = name
+    _LORA_CLASSES[cls] = new
+    _BASE_CLASSES[new] = cls
+    return new
+
+
+def _is_lora(module) -> bool:
+    return type(module) in _BASE_CLASSES
+
+
+def _nnx_layer(name: str, m: nnx.Module) -> _Layer | None:
+    if isinstance(m, nnx.Embed):
+        return _Layer(name, "embed", m.num_embeddings, m.features, LayerView("embed"))
+    if isinstance(m, nnx.Linear):
+        return _Layer(name, "linear", m.in_features, m.out_features, LayerView("linear"))
+    if isinstance(m, nnx.LinearGeneral):
+        if m.batch_axis:
+            return _Layer(name, "linear", unsupported="LinearGeneral with batch_axis")
+        view = LayerView("linear", in_axes=tuple(m.axis), num_out_axes=len(m.out_features))
+        return _Layer(name, "linear", math.prod(m.in_features), math.prod(m.out_features), view)
+    if isinstance(m, nnx.Einsum):
+        if m.einsum_str is None:
+            return _Layer(name, "linear", unsupported="Einsum without a constructor einsum_str")
+        try:
+            in_dim, out_dim = einsum_dims(m.einsum_str, m.kernel.shape)
+        except ValueError as e:
+            return _Layer(name, "linear", unsupported=str(e))
+        return _Layer(name, "linear", in_dim, out_dim, LayerView("einsum", einsum_str=m.einsum_str))
+    return None
+
+
+def _apply_nnx(model: nnx.Module, target_modules: TargetSpec, packed: PackedModules):
+    model = nnx.clone(model)
+    found = []
+    for path, m in nnx.iter_modules(model):
+        if _is_lora(m):  # re-applying: start from the base classes
+            object.__setattr__(m, "__class__", _BASE_CLASSES[type(m)])
+            for attr in ("_jlora_target", "_jlora_view"):
+                vars(m).pop(attr, None)
+        layer = _nnx_layer(".".join(str(p) for p in path), m)
+        if layer is not None:
+            found.append((layer, m))
+    targets = {t.name: t for t in _select([layer for layer, _ in found], target_modules, packed)}
+    for layer, m in found:
+        if layer.name in targets:
+            object.__setattr__(m, "__class__", _lora_class(type(m)))
+            m._jlora_target = targets[layer.name]
+            m._jlora_view = layer.view
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Linen: method interception
+# --------------------------------------------------------------------------------------------
+
+_LINEN_KINDS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoRALinenModel:
+    """A Linen module with multi-LoRA: ``init`` and ``apply`` are the module's own, ``apply``
+    adds LoRA (from ``jlora.lora_context``) to the outputs of the targeted layers.
+
+    Attributes:
+      module: the unchanged Linen module; its parameter tree is the wrapped model's.
+      targets: the ``TargetModule`` s found by ``jlora.apply``.
+    """
+
+    module: nn.Module
+    targets: tuple[TargetModule, ...]
+    views: Mapping[str, LayerView]
+    path_to_name: Callable[[tuple[str, ...]], str]
+
+    def init(self, *args, **kwargs):
+        """``module.init`` (LoRA adds no parameters)."""
+        return self.module.init(*args, **kwargs)
+
+    def apply(self, variables, *args, **kwargs):
+        """``module.apply`` with LoRA added to the targeted layers' outputs."""
+        by_name = {t.name: t for t in self.targets}
+
+        def interceptor(next_fun, f_args, f_kwargs, context):
+            m = context.module
+            if context.method_name != "__call__" or not isinstance(m, _LINEN_KINDS):
+                return next_fun(*f_args, **f_kwargs)
+            target = by_name.get(self.path_to_name(m.path))
+            if target is None:
+                return next_fun(*f_args, **f_kwargs)
+            y = next_fun(*f_args, **f_kwargs)
+            x = f_args[0] if f_args else f_kwargs["inputs"]
+            view = self.views[target.name]
+            if view.kind == "einsum":
+                einsum_str = f_kwargs.get("einsum_str", f_args[1] if len(f_args) > 1 else None)
+                if einsum_str is not None:
+                    view = LayerView("einsum", einsum_str=einsum_str)
+            return lora_forward(target, view, x, y)
+
+        with nn.intercept_methods(interceptor):
+            return self.module.apply(variables, *args, **kwargs)
+
+    __call__ = apply
+
+
+def _linen_layer(name: str, m: nn.Module, args, kwargs, y) -> _Layer:
+    x = args[0] if args else kwargs["inputs"]
+    if isinstance(m, nn.Embed):
+        return _Layer(name, "embed", m.num_embeddings, m.features, LayerView("embed"))
+    if isinstance(m, nn.Dense):
+        return _Layer(name, "linear", x.shape[-1], m.features, LayerView("linear"))
+    if isinstance(m, nn.DenseGeneral):
+        if m.batch_dims:
+            return _Layer(name, "linear", unsupported="DenseGeneral with batch_dims")
+        axis = (m.axis,) if isinstance(m.axis, int) else tuple(m.axis)
+        features = (m.features,) if isinstance(m.features, int) else tuple(m.features)
+        view = LayerView("linear", in_axes=axis, num_out_axes=len(features))
+        in_dim = math.prod(x.shape[a] for a in axis)
+        return _Layer(name, "linear", in_dim, math.prod(features), view)
+    einsum_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or m.einsum_str
+    try:
+        in_dim, out_dim = einsum_dims(einsum_str, m.shape)
+    except ValueError as e:
+        return _Layer(name, "linear", unsupported=str(e))
+    return _Layer(name, "linear", in_dim, out_dim, LayerView("einsum", einsum_str=einsum_str))
+
+
+def _apply_linen(module, target_modules, packed, sample_args, sample_kwargs, path_to_name):
+    found: dict[str, _Layer] = {}
+
+    def record(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        m = context.module
+        if context.method_name == "__call__" and isinstance(m, _LINEN_KINDS):
+            name = path_to_name(m.path)
+            if name not in found:
+                found[name] = _linen_layer(name, m, args, kwargs, y)
+        return y
+
+    key = jax.random.key(0)
+    rngs = {"params": key, "dropout": key}
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda *a: module.init(rngs, *a, **sample_kwargs), *sample_args)
+    layers = list(found.values())
+    targets = tuple(_select(layers, target_modules, packed))
+    views = {layer.name: layer.view for layer in layers if layer.view is not None}
+    return LoRALinenModel(
+        module=module,
+        targets=targets,
+        views={t.name: views[t.name] for t in targets},
+        path_to_name=path_to_name,
+    )

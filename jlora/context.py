@@ -1,0 +1,338 @@
+"""How LoRA state reaches the layers of a model whose code was not written for it.
+
+``jlora.apply`` wraps layers; at call time a wrapped layer reads the active ``lora_context``: a
+dict of slot banks keyed by ``TargetModule.name`` and the step's ``LoRAMapping``. Enter the
+context *inside* the jitted function, so the banks and the mapping are traced arguments and
+loading, evicting or re-mapping adapters never retraces::
+
+    @jax.jit
+    def step(state, banks, mapping, input_ids):
+        model = nnx.merge(graphdef, state)
+        with jlora.lora_context(banks, mapping):
+            return model(input_ids)
+
+Without an active context (or for a layer absent from ``banks``) a wrapped layer returns exactly
+its base output.
+
+Token layout: a layer sees ``x [..., in]`` (for example ``[B, L, in]``); its leading dims are
+flattened row-major into ``T`` token rows, so token ``b * L + l`` of a ``[B, L]`` batch is row
+``l`` of sequence ``b``. ``mapping.token_slots [T]`` must follow that layout (see
+``padded_batch_mapping``). A layer that sees one row per sequence instead (an LM head applied to
+each sequence's last hidden state, ``[B, hidden]``) uses ``mapping.seq_slots [B]``. A layer whose
+flattened row count is neither ``T`` nor ``B`` is an error.
+
+Also here: ``LayerView``, how a Linear, LinearGeneral, Einsum or Embed layer's input and output
+map to PEFT's ``[T, in]`` / ``[T, out]`` view. Imports jlora data-model modules only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora import reference
+from jlora.errors import AdapterMismatchError, MappingError
+from jlora.mapping import LoRAMapping
+from jlora.targets import TargetModule
+from jlora.weights import LoRABank
+
+Banks = Mapping[str, Sequence[LoRABank]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAContext:
+    """The LoRA state of one forward pass: slot banks per target name and the batch mapping."""
+
+    banks: Mapping[str, tuple[LoRABank, ...]]
+    mapping: LoRAMapping
+
+
+_ACTIVE: contextvars.ContextVar[LoRAContext | None] = contextvars.ContextVar(
+    "jlora_lora_context", default=None
+)
+
+
+@contextlib.contextmanager
+def lora_context(banks: Banks, mapping: LoRAMapping) -> Iterator[LoRAContext]:
+    """Makes ``banks`` and ``mapping`` the LoRA state of every wrapped layer called inside.
+
+    Args:
+      banks: ``{TargetModule.name: (LoRABank, ...)}``, one bank per output slice (a single
+        ``LoRABank`` is accepted for an unpacked target). Every bank has ``mapping.num_slots``
+        slots; slot 0 is zeros (the base model).
+      mapping: the step's ``LoRAMapping``; ``token_slots`` laid out as the module docstring says.
+
+    Contexts nest; the innermost one wins. Enter it inside ``jax.jit`` (see the module docstring):
+    a wrapped layer traced under a transformation while the context holds concrete arrays raises,
+    because those arrays would be baked into the compiled program as constants.
+    """
+    if not isinstance(mapping, LoRAMapping):
+        raise MappingError(f"lora_context needs a LoRAMapping, got {type(mapping).__name__}")
+    if not isinstance(banks, Mapping):
+        raise AdapterMismatchError(
+            f"lora_context needs a dict of banks keyed by target name, got {type(banks).__name__}"
+        )
+    normalized = {}
+    for name, value in banks.items():
+        slices = (value,) if isinstance(value, LoRABank) else tuple(value)
+        if not slices or not all(isinstance(b, LoRABank) for b in slices):
+            raise AdapterMismatchError(
+                f"banks[{name!r}] must be a LoRABank or a tuple of LoRABanks (one per slice)"
+            )
+        for bank in slices:
+            if bank.num_slots != mapping.num_slots:
+                raise MappingError(
+                    f"banks[{name!r}] has {bank.num_slots} slots but the mapping was built for "
+                    f"num_slots={mapping.num_slots}; build both from the same max_loras + 1"
+                )
+        normalized[name] = slices
+    ctx = LoRAContext(banks=normalized, mapping=mapping)
+    token = _ACTIVE.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current_context() -> LoRAContext | None:
+    """The innermost active ``lora_context``, or None."""
+    return _ACTIVE.get()
+
+
+def padded_batch_mapping(
+    seq_slots: Sequence[int] | np.ndarray,
+    seq_len: int,
+    *,
+    num_slots: int,
+    num_seqs: int | None = None,
+    is_prefill: bool = True,
+) -> LoRAMapping:
+    """The mapping for a padded ``[B, L]`` batch: row ``b``'s ``L`` tokens all use its slot.
+
+    ``B = num_seqs`` (default ``len(seq_slots)``); rows past ``len(seq_slots)`` use slot 0.
+    Padding positions inside a row take the row's slot, which is harmless: their outputs are
+    discarded.
+
+    >>> m = padded_batch_mapping([2, 0, 1], 4, num_slots=3)
+    >>> m.token_slots.tolist()
+    [2, 2, 2, 2, 0, 0, 0, 0, 1, 1, 1, 1]
+    """
+    slots = np.asarray(seq_slots)
+    b = len(slots) if num_seqs is None else int(num_seqs)
+    if b < len(slots):
+        raise MappingError(f"{len(slots)} sequences do not fit num_seqs={b}")
+    padded = np.zeros(b, np.int64)
+    padded[: len(slots)] = slots
+    return LoRAMapping.build(
+        padded,
+        [int(seq_len)] * b,
+        num_slots=num_slots,
+        is_prefill=is_prefill,
+        num_tokens=b * int(seq_len),
+        num_seqs=b,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Layer views: a layer's input/output <-> PEFT's [T, in] / [T, out]
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerView:
+    """How a layer's input and output map to PEFT's ``x [T, in]``, ``y [T, out]`` view.
+
+    kinds:
+      ``"linear"``: contracts the listed input axes (``in_axes``, in kernel order; negative or
+        non-negative as the layer's ``axis``), output = remaining input dims + ``num_out_axes``
+        trailing feature dims (``nnx.Linear``, ``LinearGeneral``, Linen ``Dense``/``DenseGeneral``).
+      ``"einsum"``: ``einsum_str`` of the form ``"[...]<batch+contracted>,<kernel>-><...>"`` with
+        no kernel batch dims; the kernel's ``[in, out]`` view is its contracted axes then its
+        output axes, each group in kernel order, flattened.
+      ``"embed"``: integer ids ``[...]`` -> ``[..., features]``.
+    """
+
+    kind: str
+    in_axes: tuple[int, ...] = (-1,)
+    num_out_axes: int = 1
+    einsum_str: str | None = None
+
+    def tokens_in(self, x: jax.Array) -> jax.Array:
+        """``x`` as ``[T, in]`` (or ids ``[T]`` for an embedding)."""
+        if self.kind == "embed":
+            return x.reshape(-1)
+        if self.kind == "einsum":
+            p = _parse_einsum(self.einsum_str)
+            xt = jnp.einsum(f"{p.lhs}->...{p.batch}{p.contracted}", x)
+            n_in = math.prod(xt.shape[xt.ndim - len(p.contracted) :])
+            return xt.reshape(-1, n_in)
+        axes = tuple(a % x.ndim for a in self.in_axes)
+        rest = tuple(a for a in range(x.ndim) if a not in axes)
+        n_in = math.prod(x.shape[a] for a in axes)
+        if axes != tuple(range(x.ndim - len(axes), x.ndim)):
+            x = jnp.transpose(x, rest + axes)
+        return x.reshape(-1, n_in)
+
+    def tokens_out(self, y: jax.Array) -> jax.Array:
+        """``y`` as ``[T, out]``."""
+        if self.kind == "einsum":
+            p = _parse_einsum(self.einsum_str)
+            y = jnp.einsum(f"{p.out}->...{p.batch}{p.kernel_out}", y)
+            n = len(p.kernel_out)
+        else:
+            n = 1 if self.kind == "embed" else self.num_out_axes
+        return y.reshape(-1, math.prod(y.shape[y.ndim - n :]))
+
+    def restore_out(self, y2: jax.Array, y: jax.Array) -> jax.Array:
+        """``y2 [T, out]`` back in the layout of the layer's output ``y``."""
+        if self.kind == "einsum":
+            p = _parse_einsum(self.einsum_str)
+            to_tokens = f"{p.out}->...{p.batch}{p.kernel_out}"
+            shape = jax.eval_shape(lambda y: jnp.einsum(to_tokens, y), y).shape
+            return jnp.einsum(f"...{p.batch}{p.kernel_out}->{p.out}", y2.reshape(shape))
+        return y2.reshape(y.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Einsum:
+    lhs: str  # with "..." if any
+    out: str
+    batch: str  # lhs letters not in the kernel, in lhs order
+    contracted: str  # kernel letters contracted with the input, in kernel order
+    kernel_out: str  # kernel letters that reach the output, in kernel order
+
+
+def _parse_einsum(einsum_str: str) -> _Einsum:
+    """Parses ``einsum_str`` or raises ``ValueError`` saying why its ``[in, out]`` view is not
+    well defined."""
+    s = einsum_str.replace(" ", "")
+    try:
+        operands, out = s.split("->")
+        lhs, rhs = operands.split(",")
+    except ValueError:
+        raise ValueError(f"{einsum_str!r} is not of the form 'input,kernel->output'") from None
+    if "..." in rhs or lhs.count("...") > 1 or ("..." in lhs) != ("..." in out):
+        raise ValueError(f"{einsum_str!r}: '...' is allowed only as leading input/output dims")
+    if ("..." in lhs and not lhs.startswith("...")) or ("..." in out and not out.startswith("...")):
+        raise ValueError(f"{einsum_str!r}: '...' must lead the input and output")
+    lhs_l, out_l = lhs.replace("...", ""), out.replace("...", "")
+    for part in (lhs_l, rhs, out_l):
+        if len(set(part)) != len(part) or not part.isalpha():
+            raise ValueError(f"{einsum_str!r}: repeated or non-letter subscripts in {part!r}")
+    batch = "".join(c for c in lhs_l if c not in rhs)
+    contracted = "".join(c for c in rhs if c in lhs_l)
+    kernel_out = "".join(c for c in rhs if c not in lhs_l)
+    problems = []
+    if any(c in out_l for c in contracted):
+        problems.append("the kernel shares a batch dim with the input")
+    if any(c not in out_l for c in batch + kernel_out):
+        problems.append("a dim is summed away without being contracted")
+    if set(out_l) != set(batch + kernel_out):
+        problems.append("the output has dims from neither input nor kernel")
+    if not contracted or not kernel_out:
+        problems.append("the kernel needs both contracted and output dims")
+    if problems:
+        raise ValueError(f"{einsum_str!r} has no [in, out] view: " + "; ".join(problems))
+    ellipsis = "..." if "..." in lhs else ""
+    return _Einsum(
+        lhs=lhs if ellipsis else "..." + lhs,
+        out=out if ellipsis else "..." + out,
+        batch=batch,
+        contracted=contracted,
+        kernel_out=kernel_out,
+    )
+
+
+def einsum_dims(einsum_str: str, kernel_shape: Sequence[int]) -> tuple[int, int]:
+    """``(in_dim, out_dim)`` of an einsum layer's kernel in PEFT's ``[in, out]`` view."""
+    p = _parse_einsum(einsum_str)
+    rhs = einsum_str.replace(" ", "").split("->")[0].split(",")[1]
+    if len(rhs) != len(kernel_shape):
+        raise ValueError(f"{einsum_str!r} names {len(rhs)} kernel dims, kernel is {kernel_shape}")
+    size = dict(zip(rhs, kernel_shape, strict=True))
+    return math.prod(size[c] for c in p.contracted), math.prod(size[c] for c in p.kernel_out)
+
+
+def einsum_kernel_view(einsum_str: str, kernel: jax.Array) -> jax.Array:
+    """The einsum kernel as PEFT's ``[in, out]`` matrix (what a merged LoRA adds to)."""
+    p = _parse_einsum(einsum_str)
+    rhs = einsum_str.replace(" ", "").split("->")[0].split(",")[1]
+    k = jnp.einsum(f"{rhs}->{p.contracted}{p.kernel_out}", kernel)
+    return k.reshape(einsum_dims(einsum_str, kernel.shape))
+
+
+# --------------------------------------------------------------------------------------------
+# The LoRA step every wrapped layer runs
+# --------------------------------------------------------------------------------------------
+
+
+def lora_forward(target: TargetModule, view: LayerView, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``y`` (the base layer's output for input ``x``) plus the active context's LoRA for
+    ``target``; exactly ``y`` when no context is active or it holds no banks for ``target``."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return y
+    banks = ctx.banks.get(target.name)
+    if banks is None:
+        return y
+    _check_banks(target, banks)
+    _check_traced(target, x, banks, ctx.mapping)
+    x2, y2 = view.tokens_in(x), view.tokens_out(y)
+    in_dim = None if target.is_embedding else x2.shape[-1]
+    if y2.shape[-1] != target.out_dim or in_dim not in (None, target.in_dim):
+        raise AdapterMismatchError(
+            f"layer {target.name!r} was called as [in={in_dim}, out={y2.shape[-1]}] per token "
+            f"but its target is [in={target.in_dim}, out={target.out_dim}]"
+        )
+    token_slots = _slots_for(target, ctx.mapping, y2.shape[0])
+    if target.is_embedding:
+        y2 = reference.add_lora_embedding(y2, x2, banks[0], token_slots)
+    else:
+        y2 = reference.add_lora(y2, x2, banks, token_slots)
+    return view.restore_out(y2, y)
+
+
+def _slots_for(target: TargetModule, mapping: LoRAMapping, rows: int) -> jax.Array:
+    if rows == mapping.token_slots.shape[0]:
+        return mapping.token_slots
+    if rows == mapping.seq_slots.shape[0]:
+        return mapping.seq_slots
+    raise MappingError(
+        f"layer {target.name!r} sees {rows} token rows, but the mapping has "
+        f"{mapping.token_slots.shape[0]} tokens and {mapping.seq_slots.shape[0]} sequences; "
+        "build it for the flattened batch (jlora.padded_batch_mapping for [B, L] inputs)"
+    )
+
+
+def _check_banks(target: TargetModule, banks: tuple[LoRABank, ...]) -> None:
+    if len(banks) != len(target.out_dims):
+        raise AdapterMismatchError(
+            f"layer {target.name!r} has {len(target.out_dims)} output slices "
+            f"{target.peft_names} but {len(banks)} banks were given"
+        )
+    for bank, out, peft_name in zip(banks, target.out_dims, target.peft_names, strict=True):
+        if bank.input_dim != target.in_dim or bank.output_dim != out:
+            what = "vocab" if target.is_embedding else "in"
+            raise AdapterMismatchError(
+                f"bank for {peft_name!r} is [{what}={bank.input_dim}, out={bank.output_dim}] but "
+                f"layer {target.name!r} needs [{what}={target.in_dim}, out={out}]"
+            )
+
+
+def _check_traced(target: TargetModule, x, banks, mapping: LoRAMapping) -> None:
+    if not isinstance(x, jax.core.Tracer):
+        return
+    leaves = [mapping.token_slots, *jax.tree_util.tree_leaves(banks)]
+    if not all(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        raise MappingError(
+            f"layer {target.name!r} is being traced but the lora_context holds concrete arrays: "
+            "they would be compiled in as constants and later banks/mappings ignored. Enter "
+            "jlora.lora_context inside the jitted function and pass banks and mapping as arguments"
+        )

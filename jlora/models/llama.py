@@ -1,0 +1,649 @@
+"""A Llama in Flax NNX: the reference model for jlora's tests, demo and benchmarks.
+
+Module paths mirror Hugging Face's ``LlamaForCausalLM``, so PEFT adapter keys map directly:
+``model.embed_tokens``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj``,
+``model.layers.{i}.mlp.{gate,up,down}_proj``, ``model.layers.{i}.{input,post_attention}_layernorm``,
+``model.norm``, ``lm_head``. With ``fuse_qkv`` / ``fuse_gate_up`` the projections are one Linear
+each (``self_attn.qkv_proj``, ``mlp.gate_up_proj``) and ``packed_modules_mapping`` tells
+``jlora.apply`` which PEFT modules their output slices serve. HF's Linear weight is ``[out, in]``;
+an ``nnx.Linear`` kernel is ``[in, out]``: ``from_pretrained`` transposes (and concatenates for
+fused layers). RoPE follows HF's ``rotate_half`` convention (halves, not interleaved pairs).
+
+Forward, functional and jittable with static shapes::
+
+    logits = model(input_ids)                                    # [B, L] -> [B, L, vocab]
+    cache = KVCache.zeros(model.config, batch_size=B, max_len=S)
+    logits, cache = model(input_ids, positions, kv_cache=cache)  # prefill or decode
+
+``positions [B, L]`` are each token's absolute position; rows may be at different lengths, as
+continuous batching needs. A token writes its K/V into cache slot ``positions[b, l]`` of row ``b``
+and attends to the row's slots ``<= positions[b, l]``. A negative position marks padding: nothing
+is written and its output is finite but meaningless. Positions must be ``< max_len``.
+
+Loading reads ``config.json`` and safetensors (one file, or shards with
+``model.safetensors.index.json``) with numpy; PyTorch is never imported and pickles are refused.
+Imports jlora.errors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from safetensors import SafetensorError, safe_open
+
+from jlora.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+# Tensors some checkpoints carry that the model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Llama hyper-parameters (HF names) plus jlora's layout options.
+
+    ``fuse_qkv`` / ``fuse_gate_up`` build one Linear for q/k/v and for gate/up. ``dtype`` is the
+    parameter and compute dtype. ``rope_type`` is ``"default"``, ``"linear"`` or ``"llama3"``.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    fuse_qkv: bool = False
+    fuse_gate_up: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        problems = []
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_type not in ("default", "linear", "llama3"):
+            problems.append(f"rope_type {self.rope_type!r} is not supported")
+        try:
+            jnp.dtype(self.dtype)
+        except TypeError:
+            problems.append(f"dtype {self.dtype!r} is not a dtype")
+        if problems:
+            raise CheckpointError("Invalid LlamaConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> LlamaConfig:
+        """From a HF ``config.json`` dict (transformers 4.x ``rope_theta``/``rope_scaling`` or
+        5.x ``rope_parameters``); ``overrides`` set jlora's fields (``fuse_qkv``, ``dtype``)."""
+        model_type = hf.get("model_type")
+        if model_type != "llama":
+            raise CheckpointError(f"model_type {model_type!r} is not 'llama'")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        kwargs = dict(
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_position_embeddings=int(
+                rope.get("original_max_position_embeddings", 8192)
+            ),
+        )
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+            "attention_bias",
+            "mlp_bias",
+        ):
+            if hf.get(f) is not None:
+                kwargs[f] = hf[f]
+        missing = [
+            f
+            for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+            if f not in kwargs
+        ]
+        if missing or "num_attention_heads" not in kwargs:
+            raise CheckpointError(f"config.json lacks {missing or ['num_attention_heads']}")
+        dtype = hf.get("dtype") or hf.get("torch_dtype")
+        if dtype in ("float32", "bfloat16", "float16"):
+            kwargs["dtype"] = dtype
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys and values: ``k``, ``v`` ``[layers, batch, max_len, kv_heads, head_dim]``.
+
+    >>> c = KVCache.zeros(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+    ...                               num_hidden_layers=2, num_attention_heads=2),
+    ...                   batch_size=3, max_len=16)
+    >>> c.k.shape
+    (2, 3, 16, 2, 4)
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, *, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        shape = (
+            config.num_hidden_layers,
+            batch_size,
+            max_len,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        dtype = jnp.dtype(dtype or config.dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return int(self.k.shape[2])
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+def _linear(c: LlamaConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    dtype = jnp.dtype(c.dtype)
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class LlamaRMSNorm(nnx.Module):
+    """HF's LlamaRMSNorm: normalize in float32, cast back, then scale by ``weight``."""
+
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * h.astype(x.dtype)
+
+
+def rope_inv_freq(c: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies ``[head_dim / 2]`` (float32), as HF computes them per rope_type."""
+    d = c.head_dim
+    inv = (1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(np.float32)
+    if c.rope_type == "linear":
+        inv = inv / c.rope_factor
+    elif c.rope_type == "llama3":
+        old = c.rope_original_max_position_embeddings
+        low_wavelen = old / c.rope_low_freq_factor
+        high_wavelen = old / c.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / c.rope_factor, inv)
+        smooth = (old / wavelen - c.rope_low_freq_factor) / (
+            c.rope_high_freq_factor - c.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def _rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, ...]:
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, D]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    # x [B, L, heads, D]; HF's rotate_half: (x1, x2) -> (-x2, x1) on the two halves.
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``q [B, L, H, D]``, ``k, v [B, S, K, D]``, ``mask bool [B, L, S]`` -> ``[B, L, H * D]``.
+
+    Query head ``h`` uses KV head ``h // (H // K)``, as HF's ``repeat_kv``.
+    """
+    b, seq, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, seq, kv, h // kv, d)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    # A large finite fill (not -inf) keeps fully masked padding rows finite.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    return out.reshape(b, seq, h * d)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = c
+        h, bias = c.hidden_size, c.attention_bias
+        if c.fuse_qkv:
+            self.qkv_proj = _linear(c, h, c.q_dim + 2 * c.kv_dim, bias, rngs)
+        else:
+            self.q_proj = _linear(c, h, c.q_dim, bias, rngs)
+            self.k_proj = _linear(c, h, c.kv_dim, bias, rngs)
+            self.v_proj = _linear(c, h, c.kv_dim, bias, rngs)
+        self.o_proj = _linear(c, c.q_dim, h, bias, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, layer=0, write_pos=None):
+        c = self.config
+        b, seq, _ = x.shape
+        if c.fuse_qkv:
+            q, k, v = jnp.split(self.qkv_proj(x), [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = _apply_rope(q.reshape(b, seq, c.num_attention_heads, c.head_dim), cos, sin)
+        k = _apply_rope(k.reshape(b, seq, c.num_key_value_heads, c.head_dim), cos, sin)
+        v = v.reshape(b, seq, c.num_key_value_heads, c.head_dim)
+        if cache is not None:
+            rows = jnp.arange(b)[:, None]
+            cache = KVCache(
+                k=cache.k.at[layer, rows, write_pos].set(k.astype(cache.k.dtype), mode="drop"),
+                v=cache.v.at[layer, rows, write_pos].set(v.astype(cache.v.dtype), mode="drop"),
+            )
+            k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
+        return self.o_proj(_attention(q, k, v, mask)), cache
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = c
+        h, i, bias = c.hidden_size, c.intermediate_size, c.mlp_bias
+        if c.fuse_gate_up:
+            self.gate_up_proj = _linear(c, h, 2 * i, bias, rngs)
+        else:
+            self.gate_proj = _linear(c, h, i, bias, rngs)
+            self.up_proj = _linear(c, h, i, bias, rngs)
+        self.down_proj = _linear(c, i, h, bias, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.config.fuse_gate_up:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(c.dtype)
+        self.self_attn = LlamaAttention(c, rngs=rngs)
+        self.mlp = LlamaMLP(c, rngs=rngs)
+        self.input_layernorm = LlamaRMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, x, cos, sin, mask, cache=None, layer=0, write_pos=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, write_pos)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LlamaModel(nnx.Module):
+    """The decoder stack: embeddings, layers, final norm (HF's ``LlamaModel``)."""
+
+    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(c.dtype)
+        self.config = c
+        self.embed_tokens = nnx.Embed(
+            c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """``input_ids [B, L]`` -> final hidden states ``[B, L, hidden]`` and the new cache."""
+        b, seq = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
+        x = self.embed_tokens(input_ids)
+        cos, sin = _rope_cos_sin(positions, rope_inv_freq(self.config), x.dtype)
+        query_pos = positions[:, :, None]
+        write_pos = None
+        if kv_cache is None:
+            key_pos = positions[:, None, :]
+            mask = (key_pos <= query_pos) & (key_pos >= 0)  # [B, L, L]
+        else:
+            slots = jnp.arange(kv_cache.max_len)[None, None, :]
+            mask = slots <= query_pos  # [B, L, S]
+            write_pos = jnp.where(positions >= 0, positions, kv_cache.max_len)  # OOB: dropped
+        for i, layer in enumerate(self.layers):
+            x, kv_cache = layer(x, cos, sin, mask, kv_cache, i, write_pos)
+        return self.norm(x), kv_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """HF's ``LlamaForCausalLM`` in NNX.
+
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
+    ...                 num_hidden_layers=1, num_attention_heads=2)
+    >>> model = LlamaForCausalLM(c, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+    (2, 5, 32)
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
+
+    @property
+    def packed_modules_mapping(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Fused layer suffix -> (PEFT module suffix, out features) per slice, for jlora.apply."""
+        c, packed = self.config, {}
+        if c.fuse_qkv:
+            packed["qkv_proj"] = (("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim))
+        if c.fuse_gate_up:
+            packed["gate_up_proj"] = (
+                ("gate_proj", c.intermediate_size),
+                ("up_proj", c.intermediate_size),
+            )
+        return packed
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        logits_index: jax.Array | None = None,
+    ):
+        """Logits for ``input_ids [B, L]``.
+
+        Args:
+          positions: ``[B, L]`` absolute positions (default ``0..L-1``); negative = padding.
+          kv_cache: a ``KVCache``; when given, this chunk's K/V are written into it at
+            ``positions`` and attention reads the whole cache row up to each token's position.
+          logits_index: ``[B]``: only the hidden state at ``[b, logits_index[b]]`` reaches the LM
+            head (logits ``[B, vocab]``), e.g. each row's last real token.
+
+        Returns:
+          ``logits [B, L, vocab]`` (``[B, vocab]`` with ``logits_index``), and the new cache as
+          ``(logits, kv_cache)`` when a cache was passed.
+        """
+        hidden, new_cache = self.model(input_ids, positions, kv_cache=kv_cache)
+        if logits_index is not None:
+            hidden = hidden[jnp.arange(hidden.shape[0]), logits_index]
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if kv_cache is None else (logits, new_cache)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> LlamaForCausalLM:
+        """See ``jlora.models.llama.from_pretrained``."""
+        return from_pretrained(path, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a HF checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: str | jnp.dtype | None = None,
+    fuse_qkv: bool = False,
+    fuse_gate_up: bool = False,
+) -> LlamaForCausalLM:
+    """Loads a HF Llama checkpoint directory (``config.json`` + safetensors, sharded or not).
+
+    Args:
+      path: the directory.
+      dtype: parameter/compute dtype; default: the checkpoint's ``dtype``/``torch_dtype``, else
+        float32.
+      fuse_qkv / fuse_gate_up: build fused projections (HF's separate weights are concatenated).
+
+    Raises:
+      CheckpointError: naming the file or tensor: no config or weights, a pickle-only checkpoint,
+        a missing, unexpected or mis-shaped tensor, an index pointing at a missing shard or tensor.
+    """
+    path = os.fspath(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{config_file}: not found; pass a HF model directory")
+    try:
+        with open(config_file) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: unreadable ({e})") from None
+    overrides: dict[str, Any] = dict(fuse_qkv=fuse_qkv, fuse_gate_up=fuse_gate_up)
+    if dtype is not None:
+        overrides["dtype"] = jnp.dtype(dtype).name
+    try:
+        config = LlamaConfig.from_hf(hf, **overrides)
+    except CheckpointError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+    except TypeError as e:
+        raise CheckpointError(f"{config_file}: bad field ({e})") from None
+
+    files = _tensor_files(path)
+    expected = _hf_tensor_shapes(config)
+    _check_names(path, files, expected, config)
+    arrays = _read_tensors(path, files, expected)
+
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    variables = {
+        ".".join(str(p) for p in var_path): var
+        for var_path, var in nnx.iter_graph(abstract)
+        if isinstance(var, nnx.Variable)
+    }
+    param_dtype = jnp.dtype(config.dtype)
+    for name, value in _param_values(config, arrays).items():
+        var = variables.pop(name)
+        assert tuple(var.shape) == value.shape, (name, var.shape, value.shape)
+        var.set_value(jnp.asarray(value.astype(param_dtype)))
+    assert not variables, f"parameters left unset: {sorted(variables)}"
+    return abstract
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+    """HF tensor name -> file name (relative to ``path``)."""
+    index = os.path.join(path, INDEX_NAME)
+    single = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable or without a weight_map ({e})") from None
+        for file in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(path, file)):
+                names = sorted(n for n, f in weight_map.items() if f == file)
+                raise CheckpointError(
+                    f"{index} maps {len(names)} tensors (e.g. {names[0]!r}) to shard "
+                    f"{file!r}, which is missing from {path}"
+                )
+        return dict(weight_map)
+    if os.path.isfile(single):
+        return {name: WEIGHTS_NAME for name in _keys(path, WEIGHTS_NAME)}
+    pickles = [p for p in PICKLE_NAMES if os.path.isfile(os.path.join(path, p))]
+    if pickles:
+        raise CheckpointError(
+            f"{os.path.join(path, pickles[0])}: a pickle-based checkpoint; jlora never unpickles. "
+            "Re-save it with `model.save_pretrained(out, safe_serialization=True)`"
+        )
+    raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+
+
+def _keys(path: str, file: str) -> list[str]:
+    try:
+        with safe_open(os.path.join(path, file), framework="numpy") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{os.path.join(path, file)}: unreadable safetensors ({e})") from None
+
+
+def _hf_tensor_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    h, i, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for n in range(c.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        linears = {
+            "self_attn.q_proj": (c.q_dim, h, c.attention_bias),
+            "self_attn.k_proj": (c.kv_dim, h, c.attention_bias),
+            "self_attn.v_proj": (c.kv_dim, h, c.attention_bias),
+            "self_attn.o_proj": (h, c.q_dim, c.attention_bias),
+            "mlp.gate_proj": (i, h, c.mlp_bias),
+            "mlp.up_proj": (i, h, c.mlp_bias),
+            "mlp.down_proj": (h, i, c.mlp_bias),
+        }
+        for name, (n_out, n_in, bias) in linears.items():
+            shapes[f"{p}{name}.weight"] = (n_out, n_in)
+            if bias:
+                shapes[f"{p}{name}.bias"] = (n_out,)
+    return shapes
+
+
+def _check_names(path, files: dict[str, str], expected, c: LlamaConfig) -> None:
+    missing = [n for n in expected if n not in files]
+    if missing:
+        raise CheckpointError(
+            f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} in all) for a Llama with {c.num_hidden_layers} layers"
+        )
+    ignorable = {"lm_head.weight"} if c.tie_word_embeddings else set()
+    unexpected = [
+        n
+        for n in files
+        if n not in expected and n not in ignorable and not n.endswith(IGNORED_SUFFIXES)
+    ]
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: unexpected tensor(s) {unexpected[:5]} in {files[unexpected[0]]}; "
+            "the checkpoint does not match config.json"
+        )
+
+
+def _read_tensors(path, files: dict[str, str], expected) -> dict[str, np.ndarray]:
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    arrays = {}
+    for file, names in by_file.items():
+        full = os.path.join(path, file)
+        try:
+            with safe_open(full, framework="numpy") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise CheckpointError(
+                            f"{full}: tensor {name!r} is missing (the index maps it to this file)"
+                        )
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise CheckpointError(
+                            f"{full}: tensor {name!r} has shape {list(shape)}, config.json "
+                            f"implies {list(expected[name])}"
+                        )
+                    array = f.get_tensor(name)
+                    if not np.issubdtype(array.dtype, np.floating) and array.dtype != jnp.bfloat16:
+                        raise CheckpointError(f"{full}: tensor {name!r} has dtype {array.dtype}")
+                    arrays[name] = array
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{full}: unreadable safetensors ({e})") from None
+    return arrays
+
+
+def _param_values(c: LlamaConfig, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """NNX parameter path -> value, from HF tensors (Linear weights transposed, fused
+    projections concatenated along the output dim)."""
+
+    def linear(dst: str, srcs: list[str], bias: bool) -> dict[str, np.ndarray]:
+        out = {f"{dst}.kernel": np.concatenate([t[f"{s}.weight"].T for s in srcs], axis=1)}
+        if bias:
+            out[f"{dst}.bias"] = np.concatenate([t[f"{s}.bias"] for s in srcs])
+        return out
+
+    values = {
+        "model.embed_tokens.embedding": t["model.embed_tokens.weight"],
+        "model.norm.weight": t["model.norm.weight"],
+    }
+    if not c.tie_word_embeddings:
+        values.update(linear("lm_head", ["lm_head"], False))
+    for n in range(c.num_hidden_layers):
+        p = f"model.layers.{n}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            values[f"{p}.{norm}.weight"] = t[f"{p}.{norm}.weight"]
+        attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+        qkv = [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
+        if c.fuse_qkv:
+            values.update(linear(f"{attn}.qkv_proj", qkv, c.attention_bias))
+        else:
+            for src in qkv:
+                values.update(linear(src, [src], c.attention_bias))
+        values.update(linear(f"{attn}.o_proj", [f"{attn}.o_proj"], c.attention_bias))
+        gate_up = [f"{mlp}.gate_proj", f"{mlp}.up_proj"]
+        if c.fuse_gate_up:
+            values.update(linear(f"{mlp}.gate_up_proj", gate_up, c.mlp_bias))
+        else:
+            for src in gate_up:
+                values.update(linear(src, [src], c.mlp_bias))
+        values.update(linear(f"{mlp}.down_proj", [f"{mlp}.down_proj"], c.mlp_bias))
+    return values
