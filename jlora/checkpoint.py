@@ -1,0 +1,191 @@
+"""Saves converted adapters (``LoRAModel``) with orbax-checkpoint and restores them exactly.
+
+A restored adapter is already in jlora's layout and dtype: no PEFT config parsing, no transposes,
+no casts, which makes it the fast path of the manager's disk tier (``jlora.manager`` restores a
+``LoRARequest`` whose path is such a checkpoint instead of re-converting PEFT safetensors).
+
+On disk (an orbax composite checkpoint with two items):
+  ``arrays``: one flat 1-D array per dtype (``{"float32": [n], "bfloat16": [m]}``) holding every
+    tensor of that dtype back to back. Orbax/tensorstore pays a per-array cost, so a 7B adapter's
+    448 small tensors are stored as one or two arrays; restoring reads them whole and hands out
+    reshaped views.
+  ``jlora_adapter``: JSON with the format version, the adapter's id, name and path, and per
+    module its weights' placement (dtype, offset, shape), scaling and kind (plain or packed).
+
+Restoring reproduces ids, names, paths, module order, scalings (exact: JSON round-trips Python
+floats), array values and dtypes (bfloat16 included). Arrays come back as host numpy views into
+the per-dtype buffers. Imports jlora.errors and jlora.weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from jlora.errors import CheckpointError
+from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
+
+FORMAT = "jlora.adapter"
+FORMAT_VERSION = 1
+ARRAYS_ITEM = "arrays"
+META_ITEM = "jlora_adapter"
+
+
+def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` looks like a ``save_adapter`` checkpoint (cheap: no orbax, no reads)."""
+    return os.path.isdir(os.path.join(os.fspath(path), META_ITEM))
+
+
+def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Writes ``model`` to the directory ``path`` (created; must not exist unless
+    ``overwrite``). Returns the absolute path.
+
+    >>> import tempfile, numpy as np
+    >>> w = LoRALayerWeights(module_name="q", lora_a=np.ones((4, 2), np.float32),
+    ...                      lora_b=np.ones((2, 3), np.float32), scaling=0.5)
+    >>> d = save_adapter(LoRAModel(loras={"q": w}, id=7, name="demo"),
+    ...                  tempfile.mkdtemp() + "/demo")
+    >>> restore_adapter(d).loras["q"].scaling
+    0.5
+    """
+    import orbax.checkpoint as ocp
+
+    if not isinstance(model, LoRAModel):
+        raise TypeError(f"save_adapter takes a LoRAModel, got {type(model).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path}: already exists; pass overwrite=True to replace it")
+    packer = _Packer()
+    modules = []
+    for name, weights in model.loras.items():
+        if isinstance(weights, PackedLoRALayerWeights):
+            layers = [None if s is None else packer.layer(s) for s in weights.slices]
+            modules.append(
+                {"name": name, "packed": True, "module_name": weights.module_name, "layers": layers}
+            )
+        elif isinstance(weights, LoRALayerWeights):
+            modules.append({"name": name, "packed": False, "layers": [packer.layer(weights)]})
+        else:
+            raise TypeError(f"module {name!r}: cannot save a {type(weights).__name__}")
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "id": model.id,
+        "name": model.name,
+        "path": model.path,
+        "dtypes": sorted(packer.parts),
+        "modules": modules,
+    }
+    items: dict[str, Any] = {META_ITEM: ocp.args.JsonSave(meta)}
+    buffers = packer.buffers()
+    if buffers:  # orbax refuses an empty tree
+        items[ARRAYS_ITEM] = ocp.args.PyTreeSave(buffers)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(path, ocp.args.Composite(**items), force=overwrite)
+    return path
+
+
+def restore_adapter(path: str | os.PathLike) -> LoRAModel:
+    """Reads a ``save_adapter`` checkpoint back into the ``LoRAModel`` that was saved."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    if not is_adapter_checkpoint(path):
+        raise CheckpointError(
+            f"{path}: not a jlora adapter checkpoint (no {META_ITEM!r} item); write one with "
+            "jlora.save_adapter, or load a PEFT adapter directory with jlora.load_adapter"
+        )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(path, ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[
+            META_ITEM
+        ]
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this "
+                f"jlora reads {FORMAT!r} version {FORMAT_VERSION}. Re-save the adapter"
+            )
+        buffers = {}
+        if meta["dtypes"]:
+            restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in meta["dtypes"]}
+            buffers = ckptr.restore(
+                path,
+                ocp.args.Composite(
+                    **{ARRAYS_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args)}
+                ),
+            )[ARRAYS_ITEM]
+    unpacker = _Unpacker(path, buffers)
+    loras = {}
+    for module in meta["modules"]:
+        layers = [None if m is None else unpacker.layer(m) for m in module["layers"]]
+        if module["packed"]:
+            loras[module["name"]] = PackedLoRALayerWeights(
+                slices=tuple(layers), module_name=module["module_name"]
+            )
+        else:
+            loras[module["name"]] = layers[0]
+    return LoRAModel(loras=loras, id=meta["id"], name=meta["name"], path=meta["path"])
+
+
+class _Packer:
+    """Collects arrays into one flat buffer per dtype, recording where each one went."""
+
+    def __init__(self):
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, x) -> list | None:
+        if x is None:
+            return None
+        x = np.asarray(x)
+        key = x.dtype.name
+        offset = self.sizes.get(key, 0)
+        self.parts.setdefault(key, []).append(x.reshape(-1))
+        self.sizes[key] = offset + x.size
+        return [key, offset, list(x.shape)]
+
+    def layer(self, w: LoRALayerWeights) -> dict:
+        return {
+            "module_name": w.module_name,
+            "scaling": float(w.scaling),
+            "is_embedding": bool(w.is_embedding),
+            "a": self.add(w.lora_a),
+            "b": self.add(w.lora_b),
+            "bias": self.add(w.bias),
+        }
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) for k, v in self.parts.items()}
+
+
+class _Unpacker:
+    def __init__(self, path: str, buffers: dict[str, np.ndarray]):
+        self.path, self.buffers = path, buffers
+
+    def get(self, where: list | None) -> np.ndarray | None:
+        if where is None:
+            return None
+        key, offset, shape = where
+        buf = self.buffers.get(key)
+        size = math.prod(shape)
+        if buf is None or buf.dtype.name != key or offset + size > buf.size:
+            raise CheckpointError(
+                f"{self.path}: a tensor of dtype {key} at [{offset}, {offset + size}) is "
+                "missing from the stored arrays; the checkpoint is incomplete, re-save it"
+            )
+        return buf[offset : offset + size].reshape(shape)
+
+    def layer(self, m: dict) -> LoRALayerWeights:
+        return LoRALayerWeights(
+            lora_a=self.get(m["a"]),
+            lora_b=self.get(m["b"]),
+            bias=self.get(m["bias"]),
+            module_name=m["module_name"],
+            scaling=m["scaling"],
+            is_embedding=m["is_embedding"],
+        )
+
+
+__all__ = ["is_adapter_checkpoint", "restore_adapter", "save_adapter"]

@@ -1,0 +1,906 @@
+"""The adapter manager: device slot banks, a host LRU cache of converted adapters and a disk tier,
+held in one functional state value. Every operation returns a new state; none retraces a jitted
+forward, because only the fixed-shape banks ever enter one.
+
+State. ``AdapterManagerState`` holds, per ``TargetModule``, a tuple of ``LoRABank`` (one per
+output slice): ``a [max_loras+1, in, max_lora_rank]``, ``b [max_loras+1, max_lora_rank, out_i]``,
+``scale float32 [max_loras+1]``; slot 0 is all zeros (the base model). Beside the banks it keeps
+host bookkeeping in immutable containers (tuples, frozensets, ``MappingProxyType``):
+``slots`` (slot -> adapter id, 0 = free), ``cache`` (id -> converted ``LoRAModel``, at most
+``max_cpu_loras``), ``requests`` (id -> ``LoRARequest``: the disk tier), ``lru`` (cached ids,
+least recently used first) and ``pinned``. No operation mutates an input state's bookkeeping.
+
+Bookkeeping stays out of jit cache keys. Jitted forwards take ``state.banks`` (a plain dict,
+target name -> tuple of banks), never the state. The state is a pytree whose only leaves are the
+bank arrays (so ``jax.tree.leaves``, ``jax.device_put``, ``jax.block_until_ready`` work on it),
+but it refuses to be rebuilt from tracers: passing it into ``jax.jit``/``vmap``/``scan`` raises
+at trace time instead of silently keying a compile on the slot table.
+
+Donation. Device writes go through two jitted functions, each compiled once per bank layout:
+``_write_slot`` copies one adapter into one slot (all its banks in one dispatch; the slot index is
+a traced int32, so slot 3 and slot 5 share a program) and ``_clear_slots`` zeroes the scales of
+freed slots. By default (``donate=True``) both donate the input banks, so a swap updates the
+slot in place instead of copying GBs of banks: the input state's device arrays are then consumed,
+like any donated JAX buffer, and using that old state again raises ``DonatedStateError``. Pass
+``donate=False`` to keep old states usable (each write then copies the banks). An operation that
+writes nothing (a cache hit, an already active adapter) returns a state sharing the input's
+arrays. On CPU with jax 0.10.2 donation works (the buffers are reused in place, no "donated
+buffers were not usable" warning) because every donated bank has a same-shaped output.
+
+Failures. Every check, every disk load and the batch mapping happen on the host before the first
+device write, so an operation that raises a ``LoRAError`` has donated nothing and its input state
+is exactly as it was.
+
+Freed slots. Deactivating or evicting an adapter zeroes only its slot's ``scale`` (the A/B rows
+stay until the slot is reused, when every bank of the slot is overwritten, zeros for the modules
+the new adapter does not target): a stale mapping into a freed slot serves the base model.
+
+LRU rules (one recency order over cached adapters; ``add``, ``activate``, ``pin`` and
+``prepare_batch`` mark an adapter most recently used):
+- Host cache full on insert: evict the least recently used adapter that is not pinned and not
+  needed by the operation; if it held a slot, the slot is freed. An evicted adapter registered
+  by a ``LoRARequest`` stays known and is reloaded from its path on demand; one added as a bare
+  ``LoRAModel`` is forgotten.
+- No free slot on activate: evict the least recently used active adapter that is not pinned and
+  not needed by the operation; free slots are taken lowest index first.
+- Pinned adapters hold a slot and their cache entry until unpinned; ``deactivate_adapter`` and
+  ``remove_adapter`` are explicit and drop the pin.
+
+Imports jlora data-model modules; jlora.loader and jlora.checkpoint only lazily (disk tier).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import types
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.config import LoRAConfig
+from jlora.errors import (
+    AdapterMismatchError,
+    CapacityError,
+    LoRAError,
+    UnknownAdapterError,
+)
+from jlora.mapping import LoRAMapping
+from jlora.request import LoRARequest
+from jlora.targets import TargetModule
+from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel, PackedLoRALayerWeights, pad_to_rank
+
+BASE_ID = 0  # adapter id and slot of the base model ("no adapter")
+
+LoadFn = Callable[[LoRARequest, LoRAConfig, np.dtype], LoRAModel]
+BatchEntry = LoRARequest | int | None
+
+
+class DonatedStateError(LoRAError):
+    """A state whose device banks were donated to a later state was used again."""
+
+
+def load_from_disk(request: LoRARequest, config: LoRAConfig, dtype: np.dtype) -> LoRAModel:
+    """The default disk tier: a ``jlora.save_adapter`` checkpoint is restored with orbax, any
+    other directory is read as a PEFT adapter with ``jlora.loader.load_adapter``."""
+    from jlora import checkpoint, loader
+
+    if checkpoint.is_adapter_checkpoint(request.path):
+        model = checkpoint.restore_adapter(request.path)
+    else:
+        model = loader.load_adapter(
+            request.path,
+            adapter_id=request.adapter_id,
+            name=request.name,
+            config=config,
+            dtype=dtype,
+        )
+    return model.replace(id=request.adapter_id, name=request.name)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Layout:
+    """What never changes over a state's lineage: shared by every state derived from one
+    ``init_state``."""
+
+    config: LoRAConfig
+    targets: tuple[TargetModule, ...]
+    dtype: np.dtype
+    load_fn: LoadFn
+    index: Mapping[str, tuple[int, int]]  # PEFT module name -> (target index, slice index)
+    by_name: Mapping[str, int]  # target name -> target index
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class AdapterManagerState:
+    """Device slot banks plus host bookkeeping; see the module docstring. Build with
+    ``init_state``; change only through this module's functions, which return new states.
+
+    Attributes:
+      bank_list: per target (in ``targets`` order), one ``LoRABank`` per output slice.
+      slots: ``[max_loras + 1]`` adapter id per slot; 0 = free (slot 0 is always the base).
+      cache: adapter id -> converted ``LoRAModel`` (host numpy, bank dtype).
+      requests: adapter id -> ``LoRARequest`` for adapters that can be reloaded from disk.
+      lru: cached adapter ids, least recently used first.
+      pinned: ids pinned into the host cache and a device slot.
+    """
+
+    bank_list: tuple[tuple[LoRABank, ...], ...]
+    layout: _Layout
+    slots: tuple[int, ...]
+    cache: Mapping[int, LoRAModel]
+    requests: Mapping[int, LoRARequest]
+    lru: tuple[int, ...]
+    pinned: frozenset[int]
+
+    @property
+    def banks(self) -> dict[str, tuple[LoRABank, ...]]:
+        """Target name -> its slice banks: the pytree a jitted forward takes (a fresh dict)."""
+        return {t.name: b for t, b in zip(self.layout.targets, self.bank_list, strict=True)}
+
+    @property
+    def config(self) -> LoRAConfig:
+        return self.layout.config
+
+    @property
+    def targets(self) -> tuple[TargetModule, ...]:
+        return self.layout.targets
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.layout.dtype
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    @property
+    def active(self) -> Mapping[int, int]:
+        """Adapter id -> slot, for every device-resident adapter."""
+        return types.MappingProxyType({a: s for s, a in enumerate(self.slots) if a != BASE_ID})
+
+    def slot_of(self, adapter_id: int) -> int | None:
+        """The slot holding ``adapter_id``, or None when it is not on the device."""
+        return self.active.get(adapter_id)
+
+    def is_known(self, adapter_id: int) -> bool:
+        return adapter_id in self.cache or adapter_id in self.requests
+
+    @property
+    def is_donated(self) -> bool:
+        """True when this state's banks were donated to a later state (it is then unusable)."""
+        return any(x.is_deleted() for x in jax.tree.leaves(self.bank_list))
+
+    def __repr__(self) -> str:
+        return (
+            f"AdapterManagerState(targets={len(self.targets)}, slots={list(self.slots)}, "
+            f"lru={list(self.lru)}, pinned={sorted(self.pinned)}, "
+            f"disk={sorted(self.requests)}, dtype={self.dtype.name})"
+        )
+
+
+class _HostSide:
+    """The pytree aux data of a state: compared by identity, never hashed by value."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: tuple):
+        self.fields = fields
+
+
+def _flatten(state: AdapterManagerState):
+    host = (state.layout, state.slots, state.cache, state.requests, state.lru, state.pinned)
+    return (state.bank_list,), _HostSide(host)
+
+
+def _unflatten(host: _HostSide, children) -> AdapterManagerState:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(children)):
+        raise TypeError(
+            "AdapterManagerState cannot be an argument of jax.jit / vmap / scan: its host "
+            "bookkeeping (slot table, LRU order) would become part of the compile key. Pass "
+            "state.banks to the jitted function instead."
+        )
+    return AdapterManagerState(children[0], *host.fields)
+
+
+jax.tree_util.register_pytree_node(AdapterManagerState, _flatten, _unflatten)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """One known adapter, as ``list_adapters`` reports it."""
+
+    id: int
+    name: str
+    path: str | None
+    slot: int | None  # device slot, None when not active
+    cached: bool  # converted copy in the host cache
+    pinned: bool
+    rank: int | None  # None when only on disk
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction
+
+
+def init_state(
+    config: LoRAConfig,
+    targets: Sequence[TargetModule],
+    *,
+    dtype: jnp.dtype | str | None = None,
+    load_fn: LoadFn | None = None,
+) -> AdapterManagerState:
+    """An empty manager: zero banks for every target slice, no adapters.
+
+    Args:
+      config: ``max_loras`` slots (+ slot 0), ``max_lora_rank``, ``max_cpu_loras``, dtype.
+      targets: the model's LoRA-able layers (``jlora.targets.TargetModule``).
+      dtype: the base model's dtype, used when ``config.lora_dtype`` is "auto" (default float32).
+      load_fn: disk tier ``(request, config, dtype) -> LoRAModel``; default ``load_from_disk``.
+
+    >>> from jlora.targets import TargetModule
+    >>> t = TargetModule(name="q", in_dim=8, out_dims=(4,), peft_names=("layers.0.q_proj",))
+    >>> s = init_state(LoRAConfig(max_loras=2, max_lora_rank=4), [t])
+    >>> s.banks["q"][0].a.shape, s.slots
+    ((3, 8, 4), (0, 0, 0))
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    targets = tuple(targets)
+    index: dict[str, tuple[int, int]] = {}
+    by_name: dict[str, int] = {}
+    for i, t in enumerate(targets):
+        if not isinstance(t, TargetModule):
+            raise TypeError(f"targets must be TargetModules, got {type(t).__name__}")
+        if t.name in by_name:
+            raise AdapterMismatchError(f"target {t.name!r} is listed twice")
+        by_name[t.name] = i
+        for j, peft_name in enumerate(t.peft_names):
+            if peft_name in index:
+                other = targets[index[peft_name][0]].name
+                raise AdapterMismatchError(
+                    f"PEFT module {peft_name!r} is served by both {other!r} and {t.name!r}; "
+                    "each PEFT module must map to exactly one target slice"
+                )
+            index[peft_name] = (i, j)
+    bank_dtype = np.dtype(config.jnp_dtype(jnp.float32 if dtype is None else dtype))
+    num_slots = config.max_loras + 1
+    bank_list = tuple(
+        tuple(
+            LoRABank.zeros(num_slots, t.in_dim, out, config.max_lora_rank, bank_dtype)
+            for out in t.out_dims
+        )
+        for t in targets
+    )
+    layout = _Layout(
+        config=config,
+        targets=targets,
+        dtype=bank_dtype,
+        load_fn=load_fn or load_from_disk,
+        index=types.MappingProxyType(index),
+        by_name=types.MappingProxyType(by_name),
+    )
+    return AdapterManagerState(
+        bank_list=bank_list,
+        layout=layout,
+        slots=(BASE_ID,) * num_slots,
+        cache=types.MappingProxyType({}),
+        requests=types.MappingProxyType({}),
+        lru=(),
+        pinned=frozenset(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public operations: each returns a new state and leaves its input as it was (bookkeeping
+# always; device arrays too unless donate=True and the operation wrote to the device).
+
+
+def add_adapter(
+    state: AdapterManagerState, adapter: LoRAModel | LoRARequest, *, donate: bool = True
+) -> AdapterManagerState:
+    """Registers an adapter in the host cache (most recently used); does not activate it.
+
+    A ``LoRARequest`` is loaded through the disk tier and stays reloadable after eviction; a
+    ``LoRAModel`` is checked and converted to the bank dtype. A full cache evicts its least
+    recently used unpinned adapter (freeing its slot, a device write). Re-adding the same
+    adapter is a no-op; the same id with other weights, name or path raises
+    ``AdapterMismatchError``; an adapter that does not fit the model's targets raises it too.
+    """
+    plan = _Plan(state)
+    if isinstance(adapter, LoRARequest):
+        plan.register_request(adapter, protect=frozenset({adapter.adapter_id}))
+    elif isinstance(adapter, LoRAModel):
+        plan.register_model(adapter, protect=frozenset({adapter.id}))
+    else:
+        raise TypeError(f"add_adapter takes a LoRAModel or LoRARequest, got {type(adapter)}")
+    return plan.commit(donate)
+
+
+def remove_adapter(
+    state: AdapterManagerState, adapter_id: int, *, donate: bool = True
+) -> AdapterManagerState:
+    """Forgets an adapter: host cache, disk tier and pin; an active one's slot is freed."""
+    plan = _Plan(state)
+    plan.require_known(adapter_id)
+    plan.forget(adapter_id)
+    return plan.commit(donate)
+
+
+def activate_adapter(
+    state: AdapterManagerState, adapter: int | LoRARequest, *, donate: bool = True
+) -> AdapterManagerState:
+    """Puts an adapter in a device slot (a no-op write if it already has one).
+
+    An unknown ``LoRARequest`` is added first; an adapter evicted from the host cache is
+    reloaded from disk. With no free slot, the least recently used unpinned active adapter is
+    evicted from the device; when every slot is pinned, ``CapacityError``.
+    """
+    plan = _Plan(state)
+    adapter_id = plan.resolve(adapter)
+    plan.activate(adapter_id, protect=frozenset({adapter_id}))
+    return plan.commit(donate)
+
+
+def deactivate_adapter(
+    state: AdapterManagerState, adapter_id: int, *, donate: bool = True
+) -> AdapterManagerState:
+    """Frees an adapter's slot (and drops its pin); it stays in the host cache. No-op when it is
+    not active."""
+    plan = _Plan(state)
+    plan.require_known(adapter_id)
+    plan.free_slot(adapter_id)
+    return plan.commit(donate)
+
+
+def pin_adapter(
+    state: AdapterManagerState, adapter: int | LoRARequest, *, donate: bool = True
+) -> AdapterManagerState:
+    """Activates an adapter and pins it: it keeps its slot and cache entry until unpinned,
+    deactivated or removed. ``CapacityError`` when every slot is already pinned."""
+    plan = _Plan(state)
+    adapter_id = plan.resolve(adapter)
+    plan.activate(adapter_id, protect=frozenset({adapter_id}))
+    plan.pinned.add(adapter_id)
+    return plan.commit(donate)
+
+
+def unpin_adapter(state: AdapterManagerState, adapter_id: int) -> AdapterManagerState:
+    """Makes a pinned adapter evictable again (host only; it stays active)."""
+    plan = _Plan(state)
+    plan.require_known(adapter_id)
+    plan.pinned.discard(adapter_id)
+    return plan.commit(donate=False)
+
+
+def list_adapters(state: AdapterManagerState) -> tuple[AdapterInfo, ...]:
+    """Every known adapter (cached or on disk), by id."""
+    infos = []
+    active = state.active
+    for adapter_id in sorted(set(state.cache) | set(state.requests)):
+        model = state.cache.get(adapter_id)
+        request = state.requests.get(adapter_id)
+        infos.append(
+            AdapterInfo(
+                id=adapter_id,
+                name=model.name if model is not None else request.name,
+                path=request.path if request is not None else model.path,
+                slot=active.get(adapter_id),
+                cached=model is not None,
+                pinned=adapter_id in state.pinned,
+                rank=model.rank if model is not None else None,
+            )
+        )
+    return tuple(infos)
+
+
+def prepare_batch(
+    state: AdapterManagerState,
+    requests: Sequence[BatchEntry],
+    lengths: Sequence[int] | np.ndarray,
+    is_prefill: bool = True,
+    *,
+    donate: bool = True,
+    num_tokens: int | None = None,
+    num_seqs: int | None = None,
+) -> tuple[AdapterManagerState, LoRAMapping]:
+    """Activates every adapter a batch needs and builds its ``LoRAMapping``.
+
+    Args:
+      requests: per sequence a ``LoRARequest`` (added on first sight), a registered adapter id,
+        or ``None`` / 0 for the base model.
+      lengths: tokens of each sequence in this step.
+      num_tokens / num_seqs: padded sizes (default: ``jlora.mapping`` buckets).
+
+    Raises ``CapacityError`` naming the counts when the batch needs more distinct adapters than
+    there are unpinned slots; ``split_batch`` splits such a batch.
+    """
+    plan = _Plan(state)
+    ids = [plan.resolve(r) for r in requests]
+    needed = _distinct_adapters(ids)
+    _check_batch_fits(state, needed)
+    protect = frozenset(needed)
+    for adapter_id in needed:
+        plan.activate(adapter_id, protect=protect)
+    seq_slots = [0 if a == BASE_ID else plan.slots.index(a) for a in ids]
+    mapping = LoRAMapping.build(
+        np.asarray(seq_slots, np.int32),
+        lengths,
+        num_slots=state.num_slots,
+        is_prefill=is_prefill,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+    )
+    return plan.commit(donate), mapping
+
+
+def split_batch(state: AdapterManagerState, requests: Sequence[BatchEntry]) -> list[list[int]]:
+    """Splits a batch into sub-batches that ``prepare_batch`` can serve one at a time.
+
+    Returns lists of sequence indices (ascending within each). Every sequence of one adapter
+    lands in the same sub-batch; base-model and pinned-adapter sequences go in the first; the
+    number of sub-batches is the fewest possible given the pinned slots. For example, with
+    2 free slots and adapter ids ``[1, 2, 3, 5, 1, 4]``: ``[[0, 1, 4], [2, 3], [5]]``.
+    """
+    ids = [_request_id(r) for r in requests]
+    pinned = state.pinned
+    movable = [a for a in _distinct_adapters(ids) if a not in pinned]
+    room = state.config.max_loras - len(pinned)
+    if movable and room <= 0:
+        raise CapacityError(
+            f"all max_loras={state.config.max_loras} slots are pinned ({sorted(pinned)}); "
+            "unpin an adapter to serve others"
+        )
+    group_of = {a: k // room for k, a in enumerate(movable)}
+    groups: list[list[int]] = [[] for _ in range(max(1, -(-len(movable) // max(room, 1))))]
+    for i, a in enumerate(ids):
+        groups[group_of.get(a, 0)].append(i)
+    return [g for g in groups if g]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: bookkeeping changes on private mutable copies, device writes recorded as dirty
+# slots and applied in commit() after every check has passed.
+
+
+class _Plan:
+    def __init__(self, state: AdapterManagerState):
+        if state.is_donated:
+            raise DonatedStateError(
+                "this AdapterManagerState's device banks were donated to the state returned by a "
+                "later operation (donate=True is the default); continue from that state, or pass "
+                "donate=False to keep old states usable"
+            )
+        self.state = state
+        self.layout = state.layout
+        self.slots = list(state.slots)
+        self.cache = dict(state.cache)
+        self.requests = dict(state.requests)
+        self.lru = list(state.lru)
+        self.pinned = set(state.pinned)
+        self.dirty: set[int] = set()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def slot_of(self, adapter_id: int) -> int | None:
+        return self.slots.index(adapter_id) if adapter_id in self.slots[1:] else None
+
+    def require_known(self, adapter_id: int) -> None:
+        if not _is_id(adapter_id):
+            raise UnknownAdapterError(f"adapter ids are ints >= 1, got {adapter_id!r}")
+        if adapter_id not in self.cache and adapter_id not in self.requests:
+            raise UnknownAdapterError(
+                f"adapter id {adapter_id} is not registered; add it first "
+                f"(known: {sorted(set(self.cache) | set(self.requests))})"
+            )
+
+    def resolve(self, entry: BatchEntry) -> int:
+        """The adapter id of a batch entry, registering an unseen ``LoRARequest``."""
+        if isinstance(entry, LoRARequest):
+            adapter_id = entry.adapter_id
+            if adapter_id in self.requests or adapter_id in self.cache:
+                self._check_same_request(entry)
+            else:
+                self.requests[adapter_id] = entry  # loaded when activated
+            return adapter_id
+        adapter_id = _request_id(entry)
+        if adapter_id != BASE_ID:
+            self.require_known(adapter_id)
+        return adapter_id
+
+    # -- host cache --------------------------------------------------------------------------
+
+    def touch(self, adapter_id: int) -> None:
+        self.lru.remove(adapter_id)
+        self.lru.append(adapter_id)
+
+    def register_request(self, request: LoRARequest, protect: frozenset[int]) -> None:
+        adapter_id = request.adapter_id
+        if adapter_id in self.requests or adapter_id in self.cache:
+            self._check_same_request(request)
+            self.requests[adapter_id] = request
+            if adapter_id in self.cache:
+                return  # the same adapter again: no-op
+        else:
+            self.requests[adapter_id] = request
+        self.ensure_cached(adapter_id, protect)
+
+    def register_model(self, model: LoRAModel, protect: frozenset[int]) -> None:
+        if not _is_id(model.id):
+            raise AdapterMismatchError(f"adapter {model.name!r}: ids are ints >= 1, got {model.id}")
+        existing = self.cache.get(model.id)
+        if existing is not None:
+            if existing is model or _same_adapter(existing, _fit(self.layout, model)):
+                return  # the same adapter again: no-op
+            raise AdapterMismatchError(
+                f"adapter id {model.id} is already registered as {existing.name!r} with other "
+                f"weights than the {model.name!r} being added; give the new adapter its own id "
+                "or remove the old one first"
+            )
+        request = self.requests.get(model.id)
+        if request is not None and model.name != request.name:
+            raise AdapterMismatchError(
+                f"adapter id {model.id} is registered for {request.name!r} at {request.path}; "
+                f"{model.name!r} needs its own id"
+            )
+        self.insert(_fit(self.layout, model), protect)
+
+    def ensure_cached(self, adapter_id: int, protect: frozenset[int]) -> None:
+        if adapter_id in self.cache:
+            return
+        request = self.requests[adapter_id]
+        model = self.layout.load_fn(request, self.layout.config, self.layout.dtype)
+        if not isinstance(model, LoRAModel):
+            raise TypeError(f"load_fn returned {type(model).__name__}, not a LoRAModel")
+        model = model.replace(id=adapter_id, name=request.name)
+        self.insert(_fit(self.layout, model), protect)
+
+    def insert(self, model: LoRAModel, protect: frozenset[int]) -> None:
+        capacity = self.layout.config.max_cpu_loras
+        if len(self.cache) >= capacity:
+            victim = next((a for a in self.lru if a not in self.pinned and a not in protect), None)
+            if victim is None:
+                raise CapacityError(
+                    f"host cache full: all max_cpu_loras={capacity} cached adapters are pinned "
+                    f"or needed now ({sorted(self.cache)}); raise max_cpu_loras or unpin one"
+                )
+            self.evict_from_host(victim)
+        self.cache[model.id] = model
+        self.lru.append(model.id)
+
+    def evict_from_host(self, adapter_id: int) -> None:
+        self.free_slot(adapter_id)
+        del self.cache[adapter_id]
+        self.lru.remove(adapter_id)
+
+    def forget(self, adapter_id: int) -> None:
+        if adapter_id in self.cache:
+            self.evict_from_host(adapter_id)
+        self.requests.pop(adapter_id, None)
+        self.pinned.discard(adapter_id)
+
+    # -- device slots ------------------------------------------------------------------------
+
+    def free_slot(self, adapter_id: int) -> None:
+        slot = self.slot_of(adapter_id)
+        if slot is not None:
+            self.slots[slot] = BASE_ID
+            self.dirty.add(slot)
+        self.pinned.discard(adapter_id)
+
+    def activate(self, adapter_id: int, protect: frozenset[int]) -> int:
+        self.require_known(adapter_id)
+        self.ensure_cached(adapter_id, protect)
+        self.touch(adapter_id)
+        slot = self.slot_of(adapter_id)
+        if slot is not None:
+            return slot
+        if BASE_ID in self.slots[1:]:
+            slot = self.slots.index(BASE_ID, 1)
+        else:
+            victim = next(
+                (
+                    a
+                    for a in self.lru
+                    if a not in self.pinned and a not in protect and a in self.slots
+                ),
+                None,
+            )
+            if victim is None:
+                n = self.layout.config.max_loras
+                raise CapacityError(
+                    f"cannot activate adapter {adapter_id}: all max_loras={n} slots hold pinned "
+                    f"adapters {sorted(self.pinned)} or ones this batch needs "
+                    f"{sorted(protect - {adapter_id})}; unpin or deactivate one"
+                )
+            slot = self.slot_of(victim)
+        self.slots[slot] = adapter_id
+        self.dirty.add(slot)
+        return slot
+
+    # -- commit ------------------------------------------------------------------------------
+
+    def commit(self, donate: bool) -> AdapterManagerState:
+        state = self.state
+        banks = state.bank_list
+        dirty = sorted(self.dirty)
+        freed = [s for s in dirty if self.slots[s] == BASE_ID]
+        # Only the first device call may touch the caller's buffers; later ones donate our own
+        # intermediates, so donate=False costs one copy of the banks, not one per write.
+        owned = donate
+        if freed:
+            keep = np.ones(state.num_slots, bool)
+            keep[freed] = False
+            banks = _CLEAR[owned](banks, keep)
+            owned = True
+        for slot in dirty:
+            adapter_id = self.slots[slot]
+            if adapter_id != BASE_ID:
+                a, b, scales = _slot_values(self.layout, self.cache[adapter_id])
+                banks = _WRITE[owned](banks, np.int32(slot), a, b, scales)
+                owned = True
+        return AdapterManagerState(
+            bank_list=banks,
+            layout=self.layout,
+            slots=tuple(self.slots),
+            cache=types.MappingProxyType(self.cache),
+            requests=types.MappingProxyType(self.requests),
+            lru=tuple(self.lru),
+            pinned=frozenset(self.pinned),
+        )
+
+    def _check_same_request(self, request: LoRARequest) -> None:
+        adapter_id = request.adapter_id
+        known = self.requests.get(adapter_id)
+        if known is not None:
+            if known.name != request.name or _norm(known.path) != _norm(request.path):
+                raise AdapterMismatchError(
+                    f"adapter id {adapter_id} is registered for {known.name!r} at {known.path}; "
+                    f"the request for {request.name!r} at {request.path} needs its own id"
+                )
+            return
+        model = self.cache[adapter_id]
+        if (
+            model.name != request.name
+            or model.path is None
+            or (_norm(model.path) != _norm(request.path))
+        ):
+            raise AdapterMismatchError(
+                f"adapter id {adapter_id} is registered for {model.name!r} (path {model.path}); "
+                f"the request for {request.name!r} at {request.path} needs its own id"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit checks and slot contents (host)
+
+
+def _fit(layout: _Layout, model: LoRAModel) -> LoRAModel:
+    """``model`` checked against the targets and converted to the bank dtype (host numpy)."""
+    seen: dict[tuple[int, int], str] = {}
+    for name, weights in model.loras.items():
+        for (i, j), layer in _placements(layout, model, name, weights):
+            target = layout.targets[i]
+            where = f"adapter {model.name!r} (id {model.id}), module {layer.module_name or name!r}"
+            if (i, j) in seen:
+                raise AdapterMismatchError(
+                    f"{where}: slice {j} of target {target.name!r} is also given by "
+                    f"{seen[(i, j)]!r}; give each PEFT module once"
+                )
+            seen[(i, j)] = name
+            if layer.is_embedding != target.is_embedding:
+                kind = "an embedding" if layer.is_embedding else "a linear"
+                raise AdapterMismatchError(
+                    f"{where}: {kind} LoRA, but target {target.name!r} is "
+                    f"{'an embedding' if target.is_embedding else 'a linear'} layer"
+                )
+            want = (target.in_dim, target.out_dims[j])
+            have = (layer.input_dim, layer.output_dim)
+            if have != want:
+                raise AdapterMismatchError(
+                    f"{where}: LoRA maps {have[0]} -> {have[1]} but target {target.name!r} "
+                    f"(slice {j}) maps {want[0]} -> {want[1]}; the adapter was trained for "
+                    "another model"
+                )
+            if layer.rank > layout.config.max_lora_rank:
+                raise AdapterMismatchError(
+                    f"{where}: rank {layer.rank} exceeds max_lora_rank="
+                    f"{layout.config.max_lora_rank}; raise LoRAConfig.max_lora_rank"
+                )
+            if layer.bias is not None:
+                raise AdapterMismatchError(
+                    f"{where}: carries a LoRA bias, which the slot banks do not hold; "
+                    "serve an adapter trained with bias='none'"
+                )
+    dtype = layout.dtype
+    if all(_is_host_ready(x, dtype) for x in jax.tree.leaves(model)):
+        return model
+    return model.optimize(dtype)
+
+
+def _placements(layout: _Layout, model: LoRAModel, name: str, weights):
+    """The ((target, slice), layer) pairs a module of ``model`` writes."""
+    if isinstance(weights, PackedLoRALayerWeights):
+        i = layout.by_name.get(name)
+        if i is not None and len(weights.slices) == len(layout.targets[i].out_dims):
+            return [((i, j), s) for j, s in enumerate(weights.slices) if s is not None]
+    elif isinstance(weights, LoRALayerWeights):
+        loc = layout.index.get(name)
+        if loc is not None:
+            return [(loc, weights)]
+    else:
+        raise AdapterMismatchError(
+            f"adapter {model.name!r} (id {model.id}), module {name!r}: expected "
+            f"LoRALayerWeights, got {type(weights).__name__}"
+        )
+    known = sorted(layout.index)
+    hint = ", ".join(repr(k) for k in known[:4]) + (", ..." if len(known) > 4 else "")
+    raise AdapterMismatchError(
+        f"adapter {model.name!r} (id {model.id}) targets module {name!r}, which the model has no "
+        f"LoRA target for (it serves {len(known)} PEFT modules: {hint}); the adapter was trained "
+        "for another model, or the model was wrapped with fewer targets"
+    )
+
+
+def _is_host_ready(x, dtype: np.dtype) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype == dtype and x.flags.c_contiguous
+
+
+def _same_adapter(a: LoRAModel, b: LoRAModel) -> bool:
+    if a.name != b.name or list(a.loras) != list(b.loras):
+        return False
+    for name, wa in a.loras.items():
+        wb = b.loras[name]
+        la = wa.slices if isinstance(wa, PackedLoRALayerWeights) else (wa,)
+        lb = wb.slices if isinstance(wb, PackedLoRALayerWeights) else (wb,)
+        if type(wa) is not type(wb) or len(la) != len(lb):
+            return False
+        for x, y in zip(la, lb, strict=True):
+            if (x is None) != (y is None):
+                return False
+            if x is None:
+                continue
+            if (x.scaling, x.is_embedding) != (y.scaling, y.is_embedding):
+                return False
+            for u, v in ((x.lora_a, y.lora_a), (x.lora_b, y.lora_b)):
+                if u.dtype != v.dtype or not np.array_equal(np.asarray(u), np.asarray(v)):
+                    return False
+    return True
+
+
+def _slot_values(layout: _Layout, model: LoRAModel):
+    """Per bank, the rows one slot holds for ``model``: padded A, padded B (host numpy, bank
+    dtype, zeros where the adapter does not target a slice) and a float32 scale vector."""
+    placed: dict[tuple[int, int], LoRALayerWeights] = {}
+    for name, weights in model.loras.items():
+        placed.update(_placements(layout, model, name, weights))
+    rank, dtype = layout.config.max_lora_rank, layout.dtype
+    a_vals, b_vals, scales = [], [], []
+    for i, target in enumerate(layout.targets):
+        a_row, b_row = [], []
+        for j, out in enumerate(target.out_dims):
+            layer = placed.get((i, j))
+            if layer is None:
+                a_row.append(_zeros((target.in_dim, rank), dtype))
+                b_row.append(_zeros((rank, out), dtype))
+                scales.append(0.0)
+                continue
+            if layer.rank == rank and _is_host_ready(layer.lora_a, dtype):
+                a, b = layer.lora_a, layer.lora_b
+            else:
+                a, b = pad_to_rank(layer, rank, dtype)
+            a_row.append(a)
+            b_row.append(b)
+            scales.append(layer.scaling)
+        a_vals.append(tuple(a_row))
+        b_vals.append(tuple(b_row))
+    return tuple(a_vals), tuple(b_vals), np.asarray(scales, np.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    z = np.zeros(shape, dtype)
+    z.setflags(write=False)
+    return z
+
+
+# ---------------------------------------------------------------------------------------------
+# Device writes: one program per bank layout (and donate flag), whatever the slot.
+
+
+def _write_slot(bank_list, slot, a_vals, b_vals, scales):
+    """Copies one adapter into ``slot`` of every bank (``slot`` traced int32)."""
+    out, k = [], 0
+    for banks, a_row, b_row in zip(bank_list, a_vals, b_vals, strict=True):
+        row = []
+        for bank, a, b in zip(banks, a_row, b_row, strict=True):
+            row.append(
+                LoRABank(
+                    a=jax.lax.dynamic_update_index_in_dim(bank.a, a, slot, 0),
+                    b=jax.lax.dynamic_update_index_in_dim(bank.b, b, slot, 0),
+                    scale=jax.lax.dynamic_update_index_in_dim(bank.scale, scales[k], slot, 0),
+                )
+            )
+            k += 1
+        out.append(tuple(row))
+    return tuple(out)
+
+
+def _clear_slots(bank_list, keep):
+    """Zeroes the scale of every slot where ``keep`` (bool ``[slots]``) is False."""
+    return jax.tree.map(
+        lambda bank: bank.replace(scale=jnp.where(keep, bank.scale, 0.0)),
+        bank_list,
+        is_leaf=lambda x: isinstance(x, LoRABank),
+    )
+
+
+_WRITE = {True: jax.jit(_write_slot, donate_argnums=0), False: jax.jit(_write_slot)}
+_CLEAR = {True: jax.jit(_clear_slots, donate_argnums=0), False: jax.jit(_clear_slots)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1
+
+
+def _request_id(entry: BatchEntry) -> int:
+    if entry is None:
+        return BASE_ID
+    if isinstance(entry, LoRARequest):
+        return entry.adapter_id
+    if isinstance(entry, int | np.integer) and not isinstance(entry, bool) and entry >= 0:
+        return int(entry)
+    raise UnknownAdapterError(
+        f"a batch entry must be a LoRARequest, an adapter id (int >= 1) or None / 0 for the "
+        f"base model, got {entry!r}"
+    )
+
+
+def _distinct_adapters(ids: Sequence[int]) -> list[int]:
+    return list(dict.fromkeys(a for a in ids if a != BASE_ID))
+
+
+def _check_batch_fits(state: AdapterManagerState, needed: Sequence[int]) -> None:
+    n = state.config.max_loras
+    pinned_elsewhere = state.pinned - set(needed)
+    room = n - len(pinned_elsewhere)
+    if len(needed) > room:
+        pinned_note = (
+            f", {len(pinned_elsewhere)} of them pinned by adapters outside the batch"
+            if pinned_elsewhere
+            else ""
+        )
+        raise CapacityError(
+            f"the batch needs {len(needed)} distinct adapters but only {room} device slots are "
+            f"available (max_loras={n}{pinned_note}); split it with "
+            "jlora.manager.split_batch(state, requests) or raise max_loras"
+        )
+
+
+def _norm(path: str | os.PathLike) -> str:
+    return os.path.normpath(os.path.abspath(os.fspath(path)))
+
+
+__all__ = [
+    "AdapterInfo",
+    "AdapterManagerState",
+    "DonatedStateError",
+    "activate_adapter",
+    "add_adapter",
+    "deactivate_adapter",
+    "init_state",
+    "list_adapters",
+    "load_from_disk",
+    "pin_adapter",
+    "prepare_batch",
+    "remove_adapter",
+    "split_batch",
+    "unpin_adapter",
+]
