@@ -1,0 +1,123 @@
+"""Orbax checkpoints of converted adapters: exact round trips, clear errors on bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ADAPTER_NAMES, ADAPTERS_DIR
+
+import jlora
+from jlora.checkpoint import META_ITEM, is_adapter_checkpoint, restore_adapter, save_adapter
+from jlora.errors import CheckpointError
+from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
+
+
+def assert_same_model(got: LoRAModel, want: LoRAModel):
+    assert (got.id, got.name, got.path) == (want.id, want.name, want.path)
+    assert list(got.loras) == list(want.loras)
+    for name, w in want.loras.items():
+        g = got.loras[name]
+        assert type(g) is type(w), name
+        if isinstance(w, PackedLoRALayerWeights):
+            assert g.module_name == w.module_name
+            pairs = list(zip(g.slices, w.slices, strict=True))
+        else:
+            pairs = [(g, w)]
+        for gs, ws in pairs:
+            if ws is None:
+                assert gs is None
+                continue
+            assert (gs.module_name, gs.scaling, gs.is_embedding) == (
+                ws.module_name,
+                ws.scaling,
+                ws.is_embedding,
+            )
+            for x, y in ((gs.lora_a, ws.lora_a), (gs.lora_b, ws.lora_b), (gs.bias, ws.bias)):
+                if y is None:
+                    assert x is None
+                    continue
+                assert isinstance(x, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape
+                # Bitwise: compare raw bytes so bfloat16 and -0.0 are checked exactly.
+                assert x.tobytes() == np.asarray(y).tobytes(), name
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_fixture_adapters_round_trip_exactly(tmp_path, name):
+    model = jlora.load_adapter(ADAPTERS_DIR / name)
+    path = save_adapter(model, tmp_path / name)
+    assert is_adapter_checkpoint(path) and os.path.isabs(path)
+    assert_same_model(restore_adapter(path), model)
+
+
+def test_mixed_dtypes_packed_layers_bias_and_awkward_scalings_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def layer(name, d_in, r, d_out, dtype, **kw):
+        return LoRALayerWeights(
+            lora_a=rng.standard_normal((d_in, r)).astype(dtype),
+            lora_b=rng.standard_normal((r, d_out)).astype(dtype),
+            module_name=name,
+            **kw,
+        )
+
+    model = LoRAModel(
+        loras={
+            "a.q": layer("a.q", 5, 3, 7, jnp.bfloat16, scaling=1 / 3),
+            "a.qkv": PackedLoRALayerWeights(
+                slices=(layer("a.q2", 5, 2, 4, np.float16), None, layer("a.v", 5, 1, 2, "f4")),
+                module_name="a.qkv",
+            ),
+            "emb": layer("emb", 11, 2, 6, np.float32, scaling=2.0**0.5, is_embedding=True),
+            "b": layer("b", 4, 1, 3, np.float32, bias=np.array([-0.0, 1e-40, 3.5], np.float32)),
+        },
+        id=2**31 - 1,
+        name="ünïcode / name",
+        path="/some/where",
+    )
+    path = save_adapter(model, tmp_path / "ckpt")
+    assert_same_model(restore_adapter(path), model)
+
+
+def test_empty_adapter_round_trips(tmp_path):
+    model = LoRAModel(loras={}, id=3, name="empty")
+    assert_same_model(restore_adapter(save_adapter(model, tmp_path / "e")), model)
+
+
+def test_existing_path_needs_overwrite(tmp_path):
+    model = jlora.load_adapter(ADAPTERS_DIR / "layers_r4")
+    path = save_adapter(model, tmp_path / "c")
+    with pytest.raises(CheckpointError, match="already exists; pass overwrite=True"):
+        save_adapter(model, path)
+    other = model.replace(name="renamed")
+    save_adapter(other, path, overwrite=True)
+    assert restore_adapter(path).name == "renamed"
+
+
+def test_not_a_checkpoint_and_wrong_version_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not a jlora adapter checkpoint"):
+        restore_adapter(ADAPTERS_DIR / "attn_r8")
+    assert not is_adapter_checkpoint(ADAPTERS_DIR / "attn_r8")
+    path = save_adapter(jlora.load_adapter(ADAPTERS_DIR / "layers_r4"), tmp_path / "c")
+    meta_files = [
+        os.path.join(d, f)
+        for d, _, files in os.walk(os.path.join(path, META_ITEM))
+        for f in files
+        if not f.startswith(("_", "commit"))
+    ]
+    assert len(meta_files) == 1
+    with open(meta_files[0]) as f:
+        meta = json.load(f)
+    meta["version"] = 99
+    with open(meta_files[0], "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(CheckpointError, match="version 99; this jlora reads 'jlora.adapter'"):
+        restore_adapter(path)
+
+
+def test_save_refuses_non_models(tmp_path):
+    with pytest.raises(TypeError, match="takes a LoRAModel"):
+        save_adapter({"q": 1}, tmp_path / "x")
