@@ -97,7 +97,7 @@ def _segmented_expand_kernel(
                     mask=r_ok[:, None] & col_ok[None, :],
                     other=0,
                 )  # [block_r, block_n]
-                return acc + pl.dot(ht.astype(bt.dtype), bt)
+                return acc + plgpu.dot(ht.astype(bt.dtype), bt)
 
             acc = jnp.zeros((block_t, block_n), jnp.float32)
             acc = lax.fori_loop(0, cdiv(rank, block_r), body, acc)

@@ -81,7 +81,7 @@ def _segmented_shrink_kernel(
                     mask=k_ok[:, None] & (cols < rank)[None, :],
                     other=0,
                 )  # [block_k, block_r]
-                return acc + pl.dot(xt.astype(at.dtype), at)
+                return acc + plgpu.dot(xt.astype(at.dtype), at)
 
             acc = jnp.zeros((block_t, block_r), jnp.float32)
             # Slot 0 ("no adapter") skips the reduction and stores zeros.
