@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -35,7 +35,6 @@ from jlora.context import LayerView, einsum_dims, lora_forward
 from jlora.errors import AdapterMismatchError
 from jlora.peft import matches_target
 from jlora.targets import TargetModule
-from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 # suffix of a fused layer's path -> its output slices: (PEFT module suffix, out features), in
 # the order they are concatenated along the output dim.
@@ -129,59 +128,6 @@ def find_targets(model) -> tuple[TargetModule, ...]:
     if isinstance(model, nnx.Module):
         return tuple(m._jlora_target for _, m in nnx.iter_modules(model) if _is_lora(m))
     raise TypeError(f"find_targets needs a model returned by jlora.apply, got {type(model)}")
-
-
-def check_adapter(targets: Iterable[TargetModule], adapter: LoRAModel) -> None:
-    """Raises ``AdapterMismatchError`` unless every module of ``adapter`` is a slice of one of
-    ``targets`` with the same dims (embedding LoRA on an embedding target, Linear on Linear)."""
-    slices = {}
-    for t in targets:
-        for i, peft_name in enumerate(t.peft_names):
-            slices[peft_name] = (t, i)
-        if t.is_packed:
-            slices[t.name] = (t, None)
-    label = f"adapter {adapter.name!r}" + (f" ({adapter.path})" if adapter.path else "")
-    unmatched = [m for m in adapter.loras if m not in slices]
-    if unmatched:
-        known = sorted(slices)
-        raise AdapterMismatchError(
-            f"{label}: modules {unmatched} match no LoRA target of the model "
-            f"(it has {len(known)}, e.g. {known[:6]}); was it trained for another model, or "
-            "were these layers left out of target_modules?"
-        )
-    problems = []
-    for module, weights in adapter.loras.items():
-        target, index = slices[module]
-        if isinstance(weights, PackedLoRALayerWeights):
-            if index is not None or len(weights.slices) != len(target.out_dims):
-                problems.append(
-                    f"{module}: packed weights with {len(weights.slices)} slices, the model's "
-                    f"{target.name!r} has {len(target.out_dims)}"
-                )
-                continue
-            pairs = [(w, i) for i, w in enumerate(weights.slices) if w is not None]
-        elif index is None:
-            problems.append(f"{module}: one LoRA for packed layer {target.name!r}; give slices")
-            continue
-        else:
-            pairs = [(weights, index)]
-        for w, i in pairs:
-            problems.extend(_dim_problems(module, w, target, i))
-    if problems:
-        raise AdapterMismatchError(f"{label} does not fit the model: " + "; ".join(problems))
-
-
-def _dim_problems(module: str, w: LoRALayerWeights, target: TargetModule, i: int) -> list[str]:
-    if w.is_embedding != target.is_embedding:
-        kinds = ("an embedding", "a linear") if w.is_embedding else ("a linear", "an embedding")
-        return [f"{module}: {kinds[0]} LoRA, but the model's {target.name!r} is {kinds[1]} layer"]
-    if (w.input_dim, w.output_dim) != (target.in_dim, target.out_dims[i]):
-        what = "vocab" if target.is_embedding else "in"
-        return [
-            f"{module}: LoRA is [{what}={w.input_dim}, out={w.output_dim}], the model's layer "
-            f"{target.name!r} is [{what}={target.in_dim}, out={target.out_dims[i]}]"
-        ]
-    return []
 
 
 def linen_path_to_name(path: Sequence[str]) -> str:

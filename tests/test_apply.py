@@ -1,0 +1,528 @@
+"""jlora.apply on small Flax models written without jlora in mind (NNX and Linen): a LoRA served
+through the wrapper equals the model with the LoRA merged into its weights (W + scale * A @ B),
+per row of a mixed batch; no active adapter gives exactly the base output; bad targets raise."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jlora.manager as mgr
+from jlora.apply import LoRALinenModel, apply, find_targets, linen_path_to_name
+from jlora.config import LoRAConfig
+from jlora.context import einsum_kernel_view, lora_context, padded_batch_mapping
+from jlora.errors import AdapterMismatchError, MappingError
+from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel
+
+# --------------------------------------------------------------------------------------------
+# Models "written the usual Flax way"
+# --------------------------------------------------------------------------------------------
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(12, 24, rngs=rngs)
+        self.fc2 = nnx.Linear(24, 12, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.gelu(self.fc1(x)))
+
+
+class NNXTinyLM(nnx.Module):
+    """Embedding, one pre-norm transformer block (nnx.MultiHeadAttention: LinearGeneral q/k/v
+    and a two-axis LinearGeneral out), an Einsum MLP with a non-leading contracted kernel axis,
+    and a Linear LM head."""
+
+    def __init__(self, rngs: nnx.Rngs, vocab=29, dim=16, heads=2):
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=heads, in_features=dim, decode=False, rngs=rngs
+        )
+        self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.up = nnx.Einsum("btd,ndh->btnh", (3, dim, 8), rngs=rngs)
+        self.down = nnx.LinearGeneral((3, 8), dim, axis=(-2, -1), rngs=rngs)
+        self.lm_head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        mask = nnx.make_causal_mask(ids)
+        x = x + self.attn(self.ln1(x), mask=mask)
+        x = x + self.down(nnx.relu(self.up(self.ln2(x))))
+        return self.lm_head(x)
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(20, name="fc1")(x))
+        return nn.Dense(7, name="fc2")(x)
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(
+            nn.LayerNorm()(x), mask=mask
+        )
+        h = nn.Dense(32, name="fc1")(nn.LayerNorm()(x))
+        return x + nn.Dense(x.shape[-1], name="fc2")(nn.gelu(h))
+
+
+class LinenTinyLM(nn.Module):
+    vocab: int = 31
+
+    def setup(self):
+        self.embed = nn.Embed(self.vocab, 16)
+        self.layers = [LinenBlock() for _ in range(2)]
+        self.lm_head = nn.Dense(self.vocab, use_bias=False)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def random_adapter(rng, targets, adapter_id, rank=3, skip=()) -> LoRAModel:
+    """A LoRA for every slice of ``targets`` (but ``skip``), with per-module scalings."""
+    loras = {}
+    for t in targets:
+        for peft_name, out in zip(t.peft_names, t.out_dims, strict=True):
+            if any(s in peft_name for s in skip):
+                continue
+            std_a = 1.0 if t.is_embedding else 1.0 / np.sqrt(t.in_dim)
+            loras[peft_name] = LoRALayerWeights(
+                lora_a=(std_a * rng.standard_normal((t.in_dim, rank))).astype(np.float32),
+                lora_b=(0.3 * rng.standard_normal((rank, out))).astype(np.float32),
+                module_name=peft_name,
+                scaling=float(rng.uniform(0.5, 2.0)),
+                is_embedding=t.is_embedding,
+            )
+    return LoRAModel(loras=loras, id=adapter_id, name=f"adapter{adapter_id}")
+
+
+def manager_with(targets, adapters, max_loras=3, rank=4):
+    state = mgr.init_state(LoRAConfig(max_loras=max_loras, max_lora_rank=rank), targets)
+    for adapter in adapters:
+        state = mgr.add_adapter(state, adapter)
+    return state
+
+
+def serve(state, requests, seq_len):
+    """Activates the adapters of ``requests`` (ids or None), mapping for a [B, seq_len] batch."""
+    b = len(requests)
+    return mgr.prepare_batch(state, requests, [seq_len] * b, num_tokens=b * seq_len, num_seqs=b)
+
+
+def delta(adapter: LoRAModel, peft_name: str) -> np.ndarray | None:
+    w = adapter.get_lora(peft_name)
+    return None if w is None else np.asarray(w.delta_weight())
+
+
+def merged_nnx(model, adapter: LoRAModel):
+    """A copy of the NNX ``model`` with ``adapter`` merged into its kernels/embeddings."""
+    merged = nnx.clone(model)
+    modules = {".".join(map(str, p)): m for p, m in nnx.iter_modules(merged)}
+    for name, m in modules.items():
+        d = delta(adapter, name)
+        if d is None:
+            continue
+        if isinstance(m, nnx.Embed):
+            m.embedding[...] = m.embedding[...] + d
+        elif isinstance(m, nnx.Einsum):
+            rhs = m.einsum_str.split("->")[0].split(",")[1]
+            view = einsum_kernel_view(m.einsum_str, m.kernel[...])
+            assert view.shape == d.shape
+            # back from [contracted..., out...] order to the kernel's own axis order
+            contracted = "".join(c for c in rhs if c in m.einsum_str.split(",")[0])
+            outs = "".join(c for c in rhs if c not in contracted)
+            size = dict(zip(rhs, m.kernel.shape, strict=True))
+            d_full = d.reshape([size[c] for c in contracted + outs])
+            m.kernel[...] = m.kernel[...] + jnp.einsum(f"{contracted}{outs}->{rhs}", d_full)
+        else:
+            m.kernel[...] = m.kernel[...] + d.reshape(m.kernel.shape)
+    return merged
+
+
+def merged_linen(variables, adapter: LoRAModel, path_to_name=linen_path_to_name):
+    """``variables`` with ``adapter`` merged (Dense/DenseGeneral kernels, Embed tables)."""
+
+    def merge(path, leaf):
+        keys = tuple(p.key for p in path)
+        d = delta(adapter, path_to_name(keys[:-1]))
+        if d is None or keys[-1] not in ("kernel", "embedding"):
+            return leaf
+        return leaf + d.reshape(leaf.shape)
+
+    return {**variables, "params": jax.tree_util.tree_map_with_path(merge, variables["params"])}
+
+
+def assert_close(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-5 * scale)
+
+
+def assert_base_row(actual, expected):
+    """A slot-0 row of a mixed batch against the unwrapped model on the same batch. Every wrapped
+    layer returns its slot-0 rows bit for bit (test_wrapped_layers_keep_slot0_rows_bitwise), but
+    the LoRA ops change the compiled program around them, and XLA may then fuse the base model's
+    own reductions (LayerNorm, softmax) differently: last-bit differences, nothing more."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6 * float(np.abs(expected).max()))
+
+
+def nnx_forward(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, banks, mapping, x):
+        model = nnx.merge(graphdef, state)
+        if banks is None:
+            return model(x)
+        with lora_context(banks, mapping):
+            return model(x)
+
+    return lambda x, banks=None, mapping=None: forward(state, banks, mapping, x)
+
+
+# --------------------------------------------------------------------------------------------
+# NNX
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_cls", [NNXMLP, NNXTinyLM])
+def test_nnx_lora_equals_merged_weights_in_a_mixed_batch(model_cls, rng):
+    model = model_cls(nnx.Rngs(int(rng.integers(1 << 30))))
+    wrapped = apply(model)
+    targets = find_targets(wrapped)
+    a1, a2 = random_adapter(rng, targets, 1), random_adapter(rng, targets, 2, rank=4, skip=("fc2",))
+    state, mapping = serve(manager_with(targets, [a1, a2]), [2, None, 1, 2, 1], seq_len=6)
+    if model_cls is NNXMLP:
+        x = jnp.asarray(rng.standard_normal((5, 6, 12)), jnp.float32)
+    else:
+        x = jnp.asarray(rng.integers(0, 29, (5, 6)), jnp.int32)
+    y = nnx_forward(wrapped)(x, state.banks, mapping)
+    base = nnx_forward(model)(x)
+    for row, adapter in enumerate([a2, None, a1, a2, a1]):
+        if adapter is None:
+            assert_base_row(y[row], base[row])
+        else:
+            assert_close(y[row], merged_nnx(model, adapter)(x[row : row + 1])[0])
+            assert np.abs(np.asarray(y[row] - base[row])).max() > 1e-3
+
+
+def test_nnx_targets_cover_linear_general_einsum_and_embed():
+    wrapped = apply(NNXTinyLM(nnx.Rngs(0)))
+    targets = {t.name: t for t in find_targets(wrapped)}
+    assert sorted(targets) == [
+        "attn.key",
+        "attn.out",
+        "attn.query",
+        "attn.value",
+        "down",
+        "embed",
+        "lm_head",
+        "up",
+    ]
+    assert (targets["attn.query"].in_dim, targets["attn.query"].out_dims) == (16, (16,))
+    assert (targets["attn.out"].in_dim, targets["attn.out"].out_dims) == (16, (16,))
+    assert (targets["up"].in_dim, targets["up"].out_dims) == (16, (24,))
+    assert (targets["down"].in_dim, targets["down"].out_dims) == (24, (16,))
+    assert targets["embed"].is_embedding and targets["embed"].in_dim == 29
+    assert type(wrapped.attn.query).__name__ == "LoRALinearGeneral"
+
+
+def test_nnx_base_params_unchanged_and_input_model_untouched(rng):
+    model = NNXTinyLM(nnx.Rngs(3))
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    wrapped = apply(model, target_modules=["query", "lm_head"])
+    after = nnx.state(wrapped, nnx.Param)
+    assert jax.tree.structure(after) == jax.tree.structure(nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after), before)
+    # The input keeps its classes; only the wrapped copy's targeted layers changed class.
+    assert type(model.attn.query) is nnx.LinearGeneral and type(model.lm_head) is nnx.Linear
+    assert type(wrapped.attn.key) is nnx.LinearGeneral
+    assert [t.name for t in find_targets(wrapped)] == ["attn.query", "lm_head"]
+    # No LoRA variables live in the model: the full state is the original's.
+    full = jax.tree.structure(nnx.state(wrapped))
+    assert full == jax.tree.structure(nnx.state(model))
+
+
+def test_nnx_no_adapter_active_is_identical(rng):
+    model = NNXTinyLM(nnx.Rngs(5))
+    wrapped = apply(model)
+    targets = find_targets(wrapped)
+    state = manager_with(targets, [random_adapter(rng, targets, 1)])
+    ids = jnp.asarray(rng.integers(0, 29, (4, 7)), jnp.int32)
+    base = nnx_forward(model)(ids)
+    np.testing.assert_array_equal(nnx_forward(wrapped)(ids), base)  # no context: base model
+    np.testing.assert_array_equal(wrapped(ids), model(ids))  # eager too
+    state, mapping = serve(state, [None] * 4, seq_len=7)  # a context with every row on slot 0
+    assert_base_row(nnx_forward(wrapped)(ids, state.banks, mapping), base)
+
+
+@pytest.mark.parametrize("layer", ["linear", "linear_general", "einsum", "embed"])
+def test_wrapped_layers_keep_slot0_rows_bitwise(layer, rng):
+    rngs = nnx.Rngs(int(rng.integers(1 << 30)))
+    base, x = {
+        "linear": (nnx.Linear(10, 6, rngs=rngs), rng.standard_normal((3, 5, 10))),
+        "linear_general": (
+            nnx.LinearGeneral((2, 5), (3, 2), axis=(-2, -1), rngs=rngs),
+            rng.standard_normal((3, 5, 2, 5)),
+        ),
+        "einsum": (
+            nnx.Einsum("btd,ndh->btnh", (2, 10, 3), rngs=rngs),
+            rng.standard_normal((3, 5, 10)),
+        ),
+        "embed": (nnx.Embed(11, 6, rngs=rngs), rng.integers(0, 11, (3, 5))),
+    }[layer]
+    x = jnp.asarray(x, jnp.int32 if layer == "embed" else jnp.float32)
+    wrapped = apply(base)
+    (target,) = find_targets(wrapped)
+    state = manager_with([target], [random_adapter(rng, [target], 1)])
+    expected = nnx_forward(base)(x)
+    for rows in ([None, None, None], [1, None, 1]):
+        state, mapping = serve(state, rows, seq_len=5)
+        y = nnx_forward(wrapped)(x, state.banks, mapping)
+        np.testing.assert_array_equal(y[1], expected[1])
+        assert (np.asarray(y[0]) != np.asarray(expected[0])).any() == (rows[0] == 1)
+
+
+def test_nnx_adapter_churn_does_not_retrace(rng):
+    model = NNXMLP(nnx.Rngs(1))
+    wrapped = apply(model)
+    targets = find_targets(wrapped)
+    graphdef, params = nnx.split(wrapped)
+    traces = []
+
+    @jax.jit
+    def forward(params, banks, mapping, x):
+        traces.append(1)
+        with lora_context(banks, mapping):
+            return nnx.merge(graphdef, params)(x)
+
+    state = manager_with(targets, [], max_loras=2)
+    x = jnp.asarray(rng.standard_normal((3, 4, 12)), jnp.float32)
+    outs = []
+    for i in range(1, 5):  # four adapters through two slots: evictions and slot reuse
+        state = mgr.add_adapter(state, random_adapter(rng, targets, i))
+        state, mapping = serve(state, [i, None, i], seq_len=4)
+        outs.append(forward(params, state.banks, mapping, x))
+    assert len(traces) == 1
+    assert not np.allclose(outs[0][0], outs[1][0])
+
+
+def test_nnx_reapply_rewraps_without_stacking(rng):
+    model = NNXMLP(nnx.Rngs(2))
+    once = apply(model, target_modules=["fc1"])
+    twice = apply(once, target_modules=["fc2"])
+    assert [t.name for t in find_targets(twice)] == ["fc2"]
+    assert type(twice.fc1) is nnx.Linear
+    assert type(twice.fc2) is type(once.fc1)  # the cached LoRALinear class
+
+
+def test_target_matching_follows_peft():
+    model = NNXTinyLM(nnx.Rngs(0))
+    names = lambda **kw: [t.name for t in find_targets(apply(model, **kw))]  # noqa: E731
+    assert names(target_modules=["query", "value"]) == ["attn.query", "attn.value"]
+    assert names(target_modules=["attn.out", "embed"]) == ["attn.out", "embed"]
+    assert names(target_modules=r"attn\.(key|value)") == ["attn.key", "attn.value"]
+    assert "lm_head" not in names(target_modules="all-linear")
+    assert "embed" not in names(target_modules="all-linear")
+    assert names(config=LoRAConfig(target_modules=("lm_head",))) == ["lm_head"]
+
+
+def test_packed_modules_serve_separate_peft_modules(rng):
+    """A fused Linear declared in packed_modules is one target with a slice per PEFT module, and
+    equals the unfused model with the same per-module LoRAs merged."""
+
+    class Fused(nnx.Module):
+        def __init__(self, rngs):
+            self.qkv_proj = nnx.Linear(8, 6 + 4 + 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.qkv_proj(x)
+
+    model = Fused(nnx.Rngs(0))
+    packed = {"qkv_proj": (("q_proj", 6), ("k_proj", 4), ("v_proj", 4))}
+    wrapped = apply(model, target_modules=["q_proj", "v_proj"], packed_modules=packed)
+    (target,) = find_targets(wrapped)
+    assert target.peft_names == ("q_proj", "k_proj", "v_proj") and target.out_dims == (6, 4, 4)
+    adapter = random_adapter(rng, [target], 1, skip=("k_proj",))
+    state, mapping = serve(manager_with([target], [adapter]), [1, None], seq_len=3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    y = nnx_forward(wrapped)(x, state.banks, mapping)
+    full = np.concatenate([delta(adapter, "q_proj"), np.zeros((8, 4)), delta(adapter, "v_proj")], 1)
+    expected = x[0] @ (model.qkv_proj.kernel[...] + full) + model.qkv_proj.bias[...]
+    assert_close(y[0], expected)
+    np.testing.assert_array_equal(y[1], model(x[1]))
+    np.testing.assert_array_equal(y[0, :, 6:10], model(x[0])[:, 6:10])  # k untouched
+
+    with pytest.raises(AdapterMismatchError, match=r"qkv_proj.*14 output features.*add up to 13"):
+        apply(model, packed_modules={"qkv_proj": (("q_proj", 6), ("k_proj", 4), ("v_proj", 3))})
+
+
+# --------------------------------------------------------------------------------------------
+# Linen
+# --------------------------------------------------------------------------------------------
+
+
+def linen_forward(wrapped: LoRALinenModel, variables):
+    @jax.jit
+    def forward(variables, banks, mapping, x):
+        if banks is None:
+            return wrapped.apply(variables, x)
+        with lora_context(banks, mapping):
+            return wrapped.apply(variables, x)
+
+    return lambda x, banks=None, mapping=None: forward(variables, banks, mapping, x)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lm"])
+def test_linen_lora_equals_merged_weights_in_a_mixed_batch(kind, rng):
+    if kind == "mlp":
+        module, x = LinenMLP(), jnp.asarray(rng.standard_normal((4, 5, 9)), jnp.float32)
+    else:
+        module, x = LinenTinyLM(), jnp.asarray(rng.integers(0, 31, (4, 5)), jnp.int32)
+    variables = module.init(jax.random.key(int(rng.integers(1 << 30))), x)
+    wrapped = apply(module, sample_args=(x,))
+    # The parameter tree is the module's own: init through the wrapper gives the same tree.
+    assert jax.tree.structure(wrapped.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+    targets = wrapped.targets
+    a1, a2 = random_adapter(rng, targets, 1), random_adapter(rng, targets, 2, skip=("query",))
+    state, mapping = serve(manager_with(targets, [a1, a2]), [1, 2, None, 1], seq_len=5)
+    y = linen_forward(wrapped, variables)(x, state.banks, mapping)
+    base = jax.jit(module.apply)(variables, x)
+    for row, adapter in enumerate([a1, a2, None, a1]):
+        if adapter is None:
+            assert_base_row(y[row], base[row])
+        else:
+            assert_close(
+                y[row], module.apply(merged_linen(variables, adapter), x[row : row + 1])[0]
+            )
+            assert np.abs(np.asarray(y[row] - base[row])).max() > 1e-3
+
+
+def test_linen_targets_and_names():
+    module = LinenTinyLM()
+    ids = jax.ShapeDtypeStruct((2, 3), jnp.int32)  # discovery is abstract: no arrays needed
+    wrapped = apply(module, sample_args=(ids,))
+    names = {t.name: t for t in wrapped.targets}
+    assert "layers.1.attn.query" in names and "layers.0.fc2" in names
+    assert names["layers.0.attn.query"].out_dims == (16,)  # DenseGeneral [16, 2, 8]
+    assert names["layers.0.attn.out"].in_dim == 16  # DenseGeneral axis=(-2, -1)
+    assert names["embed"].is_embedding and names["embed"].in_dim == 31
+    assert find_targets(wrapped) == wrapped.targets
+    only = apply(module, target_modules=["fc1"], sample_args=(ids,))
+    assert [t.name for t in only.targets] == ["layers.0.fc1", "layers.1.fc1"]
+
+
+def test_linen_no_adapter_active_is_identical(rng):
+    module = LinenTinyLM()
+    ids = jnp.asarray(rng.integers(0, 31, (3, 6)), jnp.int32)
+    variables = module.init(jax.random.key(1), ids)
+    wrapped = apply(module, sample_args=(ids,))
+    state = manager_with(wrapped.targets, [random_adapter(rng, wrapped.targets, 1)])
+    state, mapping = serve(state, [None] * 3, seq_len=6)
+    base = jax.jit(module.apply)(variables, ids)
+    np.testing.assert_array_equal(linen_forward(wrapped, variables)(ids), base)
+    assert_base_row(linen_forward(wrapped, variables)(ids, state.banks, mapping), base)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_target_modules_matching_nothing_name_the_modules():
+    model = NNXTinyLM(nnx.Rngs(0))
+    with pytest.raises(AdapterMismatchError, match=r"\['q_proj', 'v_proj'\] match no layer.*"):
+        apply(model, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(AdapterMismatchError, match=r"\['nope'\] match no layer.*attn\.key"):
+        apply(model, target_modules=["query", "nope"])
+    with pytest.raises(AdapterMismatchError, match=r"no layer|match no layer"):
+        apply(model, target_modules=r".*\.q_proj")
+    with pytest.raises(AdapterMismatchError, match="match no layer"):
+        apply(LinenMLP(), target_modules=["fc3"], sample_args=(jnp.zeros((1, 3)),))
+
+
+def test_targeting_a_layer_without_an_in_out_view_raises():
+    class Odd(nnx.Module):
+        def __init__(self, rngs):
+            self.batched = nnx.Einsum("bnd,ndh->bnh", (3, 4, 5), rngs=rngs)  # per-head kernels
+            self.fine = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.batched(x)
+
+    model = Odd(nnx.Rngs(0))
+    assert [t.name for t in find_targets(apply(model))] == ["fine"]  # skipped by default
+    with pytest.raises(AdapterMismatchError, match=r"'batched'.*shares a batch dim"):
+        apply(model, target_modules=["batched"])
+
+
+def test_adapter_that_does_not_fit_the_model_names_the_module(rng):
+    wrapped = apply(NNXTinyLM(nnx.Rngs(0)), target_modules=["query", "lm_head"])
+    targets = find_targets(wrapped)
+    stray = LoRALayerWeights(
+        lora_a=np.ones((16, 2), np.float32), lora_b=np.ones((2, 16), np.float32), module_name="x"
+    )
+    other = LoRAModel(loras={"attn.query": stray, "blocks.0.q_proj": stray}, id=1, name="other")
+    with pytest.raises(AdapterMismatchError, match=r"'blocks\.0\.q_proj'.*no LoRA target"):
+        manager_with(targets, [other])
+    narrow = LoRALayerWeights(
+        lora_a=np.ones((16, 2), np.float32),
+        lora_b=np.ones((2, 8), np.float32),
+        module_name="attn.query",
+    )
+    with pytest.raises(AdapterMismatchError, match=r"attn\.query.*16 -> 8.*16 -> 16"):
+        manager_with(targets, [LoRAModel(loras={"attn.query": narrow}, id=2, name="narrow")])
+
+
+def test_banks_or_mapping_that_do_not_fit_raise_at_trace_time(rng):
+    wrapped = apply(NNXMLP(nnx.Rngs(0)))
+    forward = nnx_forward(wrapped)
+    x = jnp.zeros((2, 3, 12), jnp.float32)
+    good = {
+        "fc1": LoRABank.zeros(2, 12, 24, 4),
+        "fc2": LoRABank.zeros(2, 24, 12, 4),
+    }
+    mapping = padded_batch_mapping([1, 0], 3, num_slots=2)
+    forward(x, good, mapping)
+    with pytest.raises(AdapterMismatchError, match=r"'fc2'.*\[in=24, out=11\].*\[in=24, out=12\]"):
+        forward(x, {**good, "fc2": LoRABank.zeros(2, 24, 11, 4)}, mapping)
+    with pytest.raises(AdapterMismatchError, match=r"'fc1' has 1 output slices.*2 banks"):
+        forward(x, {**good, "fc1": (good["fc1"], good["fc1"])}, mapping)
+    with pytest.raises(MappingError, match=r"'fc1' sees 6 token rows.*8 tokens and 2 sequences"):
+        forward(x, good, padded_batch_mapping([1, 0], 4, num_slots=2))
+    with pytest.raises(MappingError, match="4 slots but the mapping was built for num_slots=2"):
+        forward(x, {**good, "fc1": LoRABank.zeros(4, 12, 24, 4)}, mapping)
+
+
+def test_context_entered_outside_jit_is_refused():
+    model = apply(NNXMLP(nnx.Rngs(0)))
+    banks = {"fc1": LoRABank.zeros(2, 12, 24, 4)}
+    mapping = padded_batch_mapping([1], 2, num_slots=2)
+    x = jnp.zeros((1, 2, 12))
+    with lora_context(banks, mapping):
+        model(x)  # eager: fine
+        with pytest.raises(MappingError, match="Enter jlora.lora_context inside the jitted"):
+            nnx.jit(lambda m, x: m(x))(model, x)
+
+
+def test_padded_batch_mapping_layout():
+    m = padded_batch_mapping([2, 1], 3, num_slots=3, num_seqs=4)
+    assert m.token_slots.tolist() == [2, 2, 2, 1, 1, 1] + [0] * 6
+    assert m.seq_slots.tolist() == [2, 1, 0, 0]
+    with pytest.raises(MappingError, match="do not fit num_seqs=1"):
+        padded_batch_mapping([2, 1], 3, num_slots=3, num_seqs=1)
