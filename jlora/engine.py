@@ -1,0 +1,417 @@
+"""Engine: training-free generation where every request may use a different LoRA adapter.
+
+Continuous batching over a fixed number of decode rows. Each step the scheduler admits waiting
+requests into free rows (as many distinct adapters as the device slots allow), prefills them in
+one bucketed ``[n, L]`` call whose K/V are scattered into their rows of the shared KV cache, then
+runs one decode step for every row. A request leaves its row at a stop token or ``max_tokens``,
+and the row is free for the next request at once. Between steps the adapter manager activates
+and evicts adapters (``jlora.manager``); only fixed-shape banks and mappings enter the jitted
+steps, so adapter churn never recompiles.
+
+Compiled programs: one decode step per engine (shape ``[max_batch, 1]``) and one prefill per
+(prefill rows bucket, prompt length bucket) pair: rows pad to powers of two up to ``max_batch``,
+prompt lengths to ``jlora.mapping.token_bucket``. ``Engine.num_compiled()`` counts them.
+
+Layout: the KV cache is ``[layers, max_batch, max_seq_len, kv_heads, head_dim]``; a row's tokens
+sit at their absolute positions. Rows without a request decode at position -1, which writes
+nothing (see ``jlora.models.llama``). Imports jlora modules only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jlora import manager
+from jlora.apply import apply, find_targets
+from jlora.config import LoRAConfig
+from jlora.context import lora_context, padded_batch_mapping
+from jlora.errors import LoRAConfigError
+from jlora.mapping import token_bucket
+from jlora.models.llama import KVCache
+from jlora.request import LoRARequest
+from jlora.sampling import SamplingParams, sample
+
+BASE = 0  # adapter id of the base model
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What ``Engine.generate`` returns per prompt, in the order the prompts were given."""
+
+    index: int
+    prompt: tuple[int, ...]
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...] | None
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens)
+    adapter: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """Counters of the last ``generate`` call (compile time is excluded from ``*_s``)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_calls: int = 0
+    decode_steps: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens processed per second, prompt tokens included."""
+        total = self.prompt_tokens + self.generated_tokens
+        return total / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _Seq:
+    """A request on its way through the engine (host-side, mutable)."""
+
+    index: int
+    prompt: np.ndarray
+    params: SamplingParams
+    adapter_id: int
+    adapter_name: str | None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the next token to feed (the last sampled one)."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+    def accept(self, token: int, logprob: float) -> None:
+        self.tokens.append(token)
+        if self.params.logprobs:
+            self.logprobs.append(logprob)
+        if token in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.params.max_tokens:
+            self.finish_reason = "length"
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            index=self.index,
+            prompt=tuple(int(t) for t in self.prompt),
+            tokens=tuple(self.tokens),
+            logprobs=tuple(self.logprobs) if self.params.logprobs else None,
+            finish_reason=self.finish_reason or "length",
+            adapter=self.adapter_name,
+        )
+
+
+class Engine:
+    """Serves one base model with many LoRA adapters.
+
+    Args:
+      model: an NNX causal LM with the ``jlora.models.llama`` calling convention
+        (``model(ids, positions, kv_cache=..., logits_index=...)``), plain or already returned by
+        ``jlora.apply``.
+      lora_config: slots, ranks, host cache size, target modules.
+      max_batch: decode rows (requests in flight at once).
+      max_seq_len: prompt plus generated tokens, per request.
+
+    >>> # engine = Engine(model, LoRAConfig(max_loras=4, max_lora_rank=16))
+    >>> # engine.add_lora(LoRARequest(lora_name="sql", lora_int_id=1, lora_path=path))
+    >>> # outs = engine.generate([[1, 2, 3]], [None], SamplingParams(max_tokens=8))
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        lora_config: LoRAConfig,
+        *,
+        max_batch: int = 32,
+        max_seq_len: int = 256,
+    ):
+        if max_batch < 1 or max_batch & (max_batch - 1):
+            raise LoRAConfigError(f"max_batch must be a power of two >= 1, got {max_batch}")
+        self.config = lora_config
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        if not find_targets_safe(model):
+            model = apply(model, lora_config)
+        self.model = model
+        model_config = model.config
+        self.state = manager.init_state(lora_config, find_targets(model), dtype=model_config.dtype)
+        graphdef, self._params = nnx.split(model)
+        self._cache = KVCache.zeros(model_config, batch_size=max_batch, max_len=max_seq_len)
+        self._prefill = jax.jit(
+            functools.partial(_prefill_step, graphdef), donate_argnames=("cache",)
+        )
+        self._decode = jax.jit(
+            functools.partial(_decode_step, graphdef), donate_argnames=("cache",)
+        )
+        self.stats = EngineStats()
+
+    # Adapters ------------------------------------------------------------------------------
+
+    def add_lora(self, request: LoRARequest) -> None:
+        """Registers an adapter (loaded now into the host cache, later into a slot on demand)."""
+        self.state = manager.add_adapter(self.state, request)
+
+    def remove_lora(self, adapter_id: int) -> None:
+        self.state = manager.remove_adapter(self.state, adapter_id)
+
+    def list_loras(self) -> tuple[manager.AdapterInfo, ...]:
+        return manager.list_adapters(self.state)
+
+    def num_compiled(self) -> int:
+        """Programs compiled so far by the prefill and decode steps."""
+        return self._prefill._cache_size() + self._decode._cache_size()
+
+    # Generation ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        lora_requests: Sequence[LoRARequest | None] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt; request ``i`` uses adapter ``lora_requests[i]`` (None =
+        the base model). ``on_token(i, token)`` is called as each token is accepted (streaming).
+        """
+        n = len(prompts)
+        lora_requests = [None] * n if lora_requests is None else list(lora_requests)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            sampling_params = [sampling_params or SamplingParams()] * n
+        if not len(lora_requests) == len(sampling_params) == n:
+            raise LoRAConfigError(
+                f"{n} prompts, {len(lora_requests)} lora_requests and {len(sampling_params)} "
+                "sampling_params: give one of each per prompt"
+            )
+        seqs = [
+            self._new_seq(i, *args)
+            for i, args in enumerate(zip(prompts, lora_requests, sampling_params, strict=True))
+        ]
+        for request in {r for r in lora_requests if r is not None}:
+            if not self.state.is_known(request.adapter_id):
+                self.add_lora(request)
+
+        start = time.perf_counter()
+        stats = dict(
+            prompt_tokens=sum(len(s.prompt) for s in seqs),
+            generated_tokens=0,
+            prefill_calls=0,
+            decode_steps=0,
+        )
+        waiting: deque[_Seq] = deque(seqs)
+        rows: list[_Seq | None] = [None] * self.max_batch
+        requests_by_id = {r.adapter_id: r for r in lora_requests if r is not None}
+        while waiting or any(rows):
+            admitted = self._admit(waiting, rows)
+            row_adapters = [s.adapter_id if s else BASE for s in rows]
+            self.state, decode_mapping = manager.prepare_batch(
+                self.state,
+                [requests_by_id.get(a, a) if a else None for a in row_adapters],
+                [1] * self.max_batch,
+                is_prefill=False,
+                num_tokens=self.max_batch,
+                num_seqs=self.max_batch,
+            )
+            if admitted:
+                self._run_prefill(admitted, rows, on_token)
+                stats["prefill_calls"] += 1
+            if any(s is not None and s.finish_reason is None for s in rows):
+                self._run_decode(rows, decode_mapping, on_token)
+                stats["decode_steps"] += 1
+            for r, s in enumerate(rows):
+                if s is not None and s.finish_reason is not None:
+                    rows[r] = None
+        stats["generated_tokens"] = sum(len(s.tokens) for s in seqs)
+        self.stats = EngineStats(**stats, wall_s=time.perf_counter() - start)
+        return [s.output() for s in seqs]
+
+    def _new_seq(self, i, prompt, request, params) -> _Seq:
+        prompt = np.asarray(prompt, np.int32)
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise LoRAConfigError(f"prompt {i} must be a non-empty list of token ids")
+        vocab = self.model.config.vocab_size
+        if prompt.min() < 0 or prompt.max() >= vocab:
+            raise LoRAConfigError(f"prompt {i} has token ids outside [0, {vocab})")
+        if params is None or not isinstance(params, SamplingParams):
+            raise LoRAConfigError(f"sampling_params[{i}] must be a SamplingParams")
+        if token_bucket(prompt.size) > self.max_seq_len or (
+            prompt.size + params.max_tokens > self.max_seq_len
+        ):
+            raise LoRAConfigError(
+                f"prompt {i}: {prompt.size} prompt tokens (bucket {token_bucket(prompt.size)}) + "
+                f"max_tokens={params.max_tokens} exceed max_seq_len={self.max_seq_len}"
+            )
+        if request is not None and not isinstance(request, LoRARequest):
+            raise LoRAConfigError(f"lora_requests[{i}] must be a LoRARequest or None")
+        adapter_id = BASE if request is None else request.adapter_id
+        return _Seq(i, prompt, params, adapter_id, None if request is None else request.name)
+
+    def _admit(self, waiting: deque[_Seq], rows: list[_Seq | None]) -> list[tuple[int, _Seq]]:
+        """Moves waiting requests into free rows while their adapters fit the device slots.
+
+        A request whose adapter would exceed the slots stays waiting (later ones may pass it);
+        it runs once rows using other adapters finish.
+        """
+        pinned = self.state.pinned
+        in_use = {s.adapter_id for s in rows if s is not None} - {BASE}
+        room = self.config.max_loras - len(pinned - in_use)
+        free = [r for r, s in enumerate(rows) if s is None]
+        admitted, skipped = [], []
+        while waiting and free:
+            seq = waiting.popleft()
+            a = seq.adapter_id
+            if a != BASE and a not in in_use and len(in_use) >= room:
+                skipped.append(seq)
+                continue
+            if a != BASE:
+                in_use.add(a)
+            row = free.pop(0)
+            rows[row] = seq
+            admitted.append((row, seq))
+        waiting.extendleft(reversed(skipped))
+        return admitted
+
+    def _run_prefill(self, admitted, rows, on_token) -> None:
+        n = len(admitted)
+        nb = min(1 << (n - 1).bit_length(), self.max_batch)
+        length = token_bucket(max(s.prompt.size for _, s in admitted))
+        ids = np.zeros((nb, length), np.int32)
+        positions = np.full((nb, length), -1, np.int32)
+        last = np.zeros(nb, np.int32)
+        row_ids = np.full(nb, self.max_batch, np.int32)  # out of range: dropped on scatter
+        slots = [0] * nb
+        for k, (row, s) in enumerate(admitted):
+            ids[k, : s.prompt.size] = s.prompt
+            positions[k, : s.prompt.size] = np.arange(s.prompt.size)
+            last[k] = s.prompt.size - 1
+            row_ids[k] = row
+            if s.adapter_id != BASE:
+                slots[k] = self.state.slot_of(s.adapter_id)
+        mapping = padded_batch_mapping(slots, length, num_slots=self.state.num_slots, num_seqs=nb)
+        sampling = _sampling_arrays([s for _, s in admitted], nb, steps=0)
+        tokens, logprobs, self._cache = self._prefill(
+            self._params,
+            self.state.banks,
+            mapping,
+            self._cache,
+            jnp.asarray(ids),
+            jnp.asarray(positions),
+            jnp.asarray(last),
+            jnp.asarray(row_ids),
+            *sampling,
+        )
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        for k, (_, s) in enumerate(admitted):
+            s.accept(int(tokens[k]), float(logprobs[k]))
+            if on_token:
+                on_token(s.index, int(tokens[k]))
+
+    def _run_decode(self, rows, mapping, on_token) -> None:
+        live = [s if s is not None and s.finish_reason is None else None for s in rows]
+        ids = np.array([s.tokens[-1] if s else 0 for s in live], np.int32)
+        positions = np.array([s.position if s else -1 for s in live], np.int32)
+        steps = np.array([len(s.tokens) if s else 0 for s in live], np.int32)
+        sampling = _sampling_arrays(live, self.max_batch, steps=steps)
+        tokens, logprobs, self._cache = self._decode(
+            self._params,
+            self.state.banks,
+            mapping,
+            self._cache,
+            jnp.asarray(ids),
+            jnp.asarray(positions),
+            *sampling,
+        )
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        for r, s in enumerate(live):
+            if s is not None:
+                s.accept(int(tokens[r]), float(logprobs[r]))
+                if on_token:
+                    on_token(s.index, int(tokens[r]))
+
+
+def find_targets_safe(model) -> tuple:
+    """The model's LoRA targets if ``jlora.apply`` already wrapped it, else ()."""
+    try:
+        return find_targets(model)
+    except TypeError:
+        return ()
+
+
+def _sampling_arrays(seqs: Sequence[_Seq | None], size: int, steps) -> tuple[jax.Array, ...]:
+    temperature = np.zeros(size, np.float32)
+    top_k = np.zeros(size, np.int32)
+    top_p = np.ones(size, np.float32)
+    seeds = np.zeros(size, np.uint32)
+    for k, s in enumerate(seqs):
+        if s is not None:
+            p = s.params
+            temperature[k], top_k[k], top_p[k], seeds[k] = p.temperature, p.top_k, p.top_p, p.seed
+    steps = np.broadcast_to(np.asarray(steps, np.int32), (size,))
+    return tuple(jnp.asarray(a) for a in (temperature, top_k, top_p, seeds, steps))
+
+
+def _prefill_step(
+    graphdef,
+    params,
+    banks,
+    mapping,
+    cache,
+    ids,
+    positions,
+    last,
+    row_ids,
+    temperature,
+    top_k,
+    top_p,
+    seeds,
+    steps,
+):
+    """Prefills ``n`` prompts into a cache of their own, samples each one's first token, and
+    scatters their K/V into rows ``row_ids`` of the shared cache (out-of-range rows: dropped)."""
+    model = nnx.merge(graphdef, params)
+    n, length = ids.shape
+    sub = KVCache.zeros(model.config, batch_size=n, max_len=length, dtype=cache.k.dtype)
+    with lora_context(banks, mapping):
+        logits, sub = model(ids, positions, kv_cache=sub, logits_index=last)
+    tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, steps)
+    cache = KVCache(
+        k=cache.k.at[:, row_ids, :length].set(sub.k, mode="drop"),
+        v=cache.v.at[:, row_ids, :length].set(sub.v, mode="drop"),
+    )
+    return tokens, logprobs, cache
+
+
+def _decode_step(
+    graphdef,
+    params,
+    banks,
+    mapping,
+    cache,
+    ids,
+    positions,
+    temperature,
+    top_k,
+    top_p,
+    seeds,
+    steps,
+):
+    """One token for every row: ``ids [B]`` at ``positions [B]`` (-1: an empty row)."""
+    model = nnx.merge(graphdef, params)
+    with lora_context(banks, mapping):
+        logits, cache = model(
+            ids[:, None],
+            positions[:, None],
+            kv_cache=cache,
+            logits_index=jnp.zeros(ids.shape[0], jnp.int32),
+        )
+    tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, steps)
+    return tokens, logprobs, cache

@@ -1,0 +1,62 @@
+"""merge_adapter: a copy of an NNX model with one adapter folded into its weights
+(``W + scaling * A @ B``). The single-adapter ground truth that multi-LoRA serving must equal, and
+what users deploy when one adapter is all they need. Imports jlora modules only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.apply import apply, find_targets
+from jlora.errors import AdapterMismatchError
+from jlora.weights import LoRAModel
+
+
+def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
+    """Returns a copy of ``model`` (an ``nnx.Module``, not wrapped) with ``adapter`` merged.
+
+    Linear-like layers add ``scaling * lora_a @ lora_b`` to their ``[in, out]`` kernel (into the
+    slice's columns for a fused projection); embeddings add ``scaling * lora_a @ lora_b`` to their
+    ``[vocab, dim]`` table. The input model is left unchanged.
+
+    Raises:
+      AdapterMismatchError: an adapter module with no layer in the model, or dims that differ.
+    """
+    targets = find_targets(apply(model))
+    where = {p: (t, j) for t in targets for j, p in enumerate(t.peft_names)}
+    missing = sorted(set(adapter.loras) - set(where))
+    if missing:
+        raise AdapterMismatchError(
+            f"adapter {adapter.name!r} targets modules the model lacks: {missing[:8]}"
+        )
+    merged = nnx.clone(model)
+    modules = {".".join(str(p) for p in path): m for path, m in nnx.iter_modules(merged)}
+    for peft_name, layer in adapter.loras.items():
+        target, j = where[peft_name]
+        module = modules[target.name]
+        width = target.out_dims[j]
+        if (layer.input_dim, layer.output_dim) != (target.in_dim, width):
+            raise AdapterMismatchError(
+                f"adapter {adapter.name!r} module {peft_name!r} is [in={layer.input_dim}, "
+                f"out={layer.output_dim}] but layer {target.name!r} slice {j} is "
+                f"[in={target.in_dim}, out={width}]"
+            )
+        param = module.embedding if isinstance(module, nnx.Embed) else module.kernel
+        value = param.get_value()
+        flat = (
+            value.reshape(target.in_dim, target.out_dim)
+            if not isinstance(module, nnx.Embed)
+            else value
+        )
+        if isinstance(module, nnx.Einsum) or math.prod(flat.shape) != math.prod(value.shape):
+            raise AdapterMismatchError(
+                f"layer {target.name!r}: merging supports Linear, LinearGeneral and Embed layers"
+            )
+        offset = target.slice_offsets[j]
+        delta = layer.delta_weight().astype(jnp.float32)
+        flat = flat.at[:, offset : offset + width].add(delta.astype(flat.dtype))
+        param.set_value(flat.reshape(value.shape))
+    return merged
