@@ -91,12 +91,10 @@ def load_from_disk(request: LoRARequest, config: LoRAConfig, dtype: np.dtype) ->
     if checkpoint.is_adapter_checkpoint(request.path):
         model = checkpoint.restore_adapter(request.path)
     else:
+        # No dtype: the loader keeps the stored one (or config.lora_dtype) and the manager's fit
+        # check casts only when the bank dtype differs, so a matching adapter is never copied.
         model = loader.load_adapter(
-            request.path,
-            adapter_id=request.adapter_id,
-            name=request.name,
-            config=config,
-            dtype=dtype,
+            request.path, adapter_id=request.adapter_id, name=request.name, config=config
         )
     return model.replace(id=request.adapter_id, name=request.name)
 
@@ -746,7 +744,14 @@ def _placements(layout: _Layout, model: LoRAModel, name: str, weights):
 
 
 def _is_host_ready(x, dtype: np.dtype) -> bool:
-    return isinstance(x, np.ndarray) and x.dtype == dtype and x.flags.c_contiguous
+    # Fortran order counts: a transposed view of PyTorch's [r, in] is a valid [in, r] lora_a,
+    # and JAX lays it out during the host-to-device copy for less than a host transpose costs.
+    flags = getattr(x, "flags", None)
+    return (
+        isinstance(x, np.ndarray)
+        and x.dtype == dtype
+        and (flags.c_contiguous or flags.f_contiguous)
+    )
 
 
 def _same_adapter(a: LoRAModel, b: LoRAModel) -> bool:

@@ -367,6 +367,22 @@ def test_packed_layer_weights_are_accepted_by_target_name():
     check_invariants(state, {1: plain})
 
 
+def test_transposed_views_are_cached_without_a_copy_and_written_correctly():
+    # PyTorch layout [r, in] / [out, r], viewed as [in, r] / [r, out] (Fortran order).
+    a = make_adapter(1, rank=4)
+    torch_layout = {
+        k: w.replace(
+            lora_a=np.ascontiguousarray(w.lora_a.T).T, lora_b=np.ascontiguousarray(w.lora_b.T).T
+        )
+        for k, w in a.loras.items()
+    }
+    model = a.replace(loras=torch_layout)
+    assert not model.loras["mlp.down"].lora_a.flags.c_contiguous
+    state = M.add_adapter(toy_state(), model)
+    assert state.cache[1] is model
+    check_invariants(M.activate_adapter(state, 1), {1: a})
+
+
 def test_dtype_is_converted_on_add_and_fp32_adapter_fits_bf16_banks():
     state = M.add_adapter(toy_state(dtype=jnp.bfloat16), make_adapter(1))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.cache[1]))
