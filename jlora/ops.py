@@ -1,0 +1,368 @@
+"""The multi-LoRA layer op: `y + scale_i[slot] * (x @ A_i[slot]) @ B_i[slot]` per output slice.
+
+`add_lora` dispatches on `impl`:
+
+- `"pallas"`: the Punica-style Pallas/Triton kernels of `pallas_kernels` (segmented shrink and
+  expand for prefill batches, gathered ones for decode);
+- `"xla"`: plain XLA tuned for CPU (below);
+- `"auto"`: Pallas on GPU, XLA elsewhere. When the Pallas path cannot serve a call (no GPU, a
+  dtype Triton lacks) it raises `NotImplementedError`; `add_lora` then runs the XLA path and
+  logs the reason once.
+
+The XLA path. A per-token gather of A and B (`A[token_slots]`) moves `T * in * R` weights per
+layer, and a one-hot over all slots multiplies every token by every adapter; both cost more
+than the base matmul on a CPU. Instead tokens are taken in slot order (the mapping's
+`sorted_token_ids`), cut into blocks of `block_t` sorted positions each owned by one slot
+(`pallas_kernels.segment_blocks`, slot 0 skipped), and a `fori_loop` whose trip count is the
+number of real blocks runs, per block, `x_blk @ A[s]` and `(h * scale[s]) @ B[s]` with the
+adapter's A and B sliced once for the whole block. Two ways to move rows, chosen statically by T
+(measurements in BENCHMARKS.md):
+
+- `"sorted"` (small T, decode): x is permuted into slot order once, blocks are contiguous
+  slices, the deltas land in a slot-ordered buffer that is permuted back and added to y at the
+  end. Cheap per block, two extra passes over `[T, *]`.
+- `"scatter"` (large T, prefill): each block gathers its rows of x by token id and scatter-adds
+  its delta straight into y (a loop-carried buffer XLA updates in place): no permuted copies of
+  x or of the output.
+
+Rows of slot 0 are never touched by either (slot 0 owns no blocks).
+
+Imports jlora.weights, jlora.mapping and pallas_kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import pallas_kernels as pk
+from jlora.mapping import LoRAMapping
+from jlora.weights import LoRABank
+
+__all__ = ["IMPLS", "OpsConfig", "add_lora", "add_lora_embedding"]
+
+IMPLS = ("auto", "pallas", "xla")
+XLA_STRATEGIES = ("sorted", "scatter")
+_PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+logger = logging.getLogger(__name__)
+_logged_fallbacks: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class OpsConfig:
+    """Tunables of `add_lora`.
+
+    Attributes:
+      segmented: block sizes and launch parameters of the prefill kernels.
+      gathered: block sizes and launch parameters of the decode kernels.
+      xla_block_t: tokens per block on the XLA path; None picks by T (see `_xla_plan`).
+      xla_strategy: `"sorted"` or `"scatter"` on the XLA path; None picks by T.
+      interpret: run the Pallas kernels in interpret mode (CPU debugging and tests).
+    """
+
+    segmented: pk.SegmentedConfig = pk.SegmentedConfig()
+    gathered: pk.GatheredConfig = pk.GatheredConfig()
+    xla_block_t: int | None = None
+    xla_strategy: str | None = None
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.xla_block_t is not None and (
+            not isinstance(self.xla_block_t, int) or self.xla_block_t < 1
+        ):
+            raise ValueError(f"xla_block_t={self.xla_block_t!r} must be a positive int or None")
+        if self.xla_strategy not in (None, *XLA_STRATEGIES):
+            raise ValueError(
+                f"xla_strategy={self.xla_strategy!r} must be None or one of {XLA_STRATEGIES}"
+            )
+
+
+# Measured on a 2-core CPU (BENCHMARKS.md): small blocks and the sorted buffer win for decode
+# batches, 32-token blocks and in-place scatter for prefill batches.
+_SCATTER_MIN_TOKENS = 256
+
+
+def _xla_plan(num_tokens: int, config: OpsConfig) -> tuple[str, int]:
+    strategy = config.xla_strategy
+    if strategy is None:
+        strategy = "scatter" if num_tokens >= _SCATTER_MIN_TOKENS else "sorted"
+    block_t = config.xla_block_t
+    if block_t is None:
+        block_t = 32 if strategy == "scatter" else 4
+    return strategy, max(1, min(block_t, num_tokens))
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def add_lora(
+    y: jax.Array,
+    x: jax.Array,
+    banks: LoRABank | Sequence[LoRABank],
+    mapping: LoRAMapping,
+    *,
+    impl: str = "auto",
+    config: OpsConfig | None = None,
+) -> jax.Array:
+    """`y` plus each slice's LoRA: `y[:, cols_i] += scale_i[slot] * (x @ A_i[slot]) @ B_i[slot]`.
+
+    Args:
+      y: `[T, out]`, the base layer's output; `out` is the sum of the slices' widths.
+      x: `[T, in]`, the layer's input.
+      banks: one `LoRABank`, or one per output slice of a packed projection (q/k/v, gate/up),
+        in the order the slices are concatenated along `out`.
+      mapping: the step's `LoRAMapping`; `T` is its token count, or its sequence count (rows of
+        last tokens, e.g. an LM head), for which the slot order is derived on device.
+      impl: `"auto"` (Pallas on GPU, XLA elsewhere), `"pallas"` or `"xla"`.
+      config: tunables; `OpsConfig()` when None.
+
+    Returns:
+      `[T, out]` in `y`'s dtype, computed with float32 accumulation; rows on slot 0 unchanged.
+
+    >>> import jax.numpy as jnp
+    >>> from jlora.weights import LoRABank
+    >>> bank = LoRABank.zeros(num_slots=3, in_dim=8, out_dim=4, max_rank=2)
+    >>> mapping = LoRAMapping.build([1, 0], [2, 1], num_slots=3, num_tokens=3)
+    >>> add_lora(jnp.ones((3, 4)), jnp.ones((3, 8)), bank, mapping).shape
+    (3, 4)
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    config = OpsConfig() if config is None else config
+    banks = _as_banks(banks)
+    _check_linear_args(y, x, banks)
+    token_slots, sorted_ids, counts, starts = _segments_for_rows(mapping, y.shape[0])
+    if y.shape[0] == 0:
+        return y
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if impl == "pallas":
+        try:
+            return _add_lora_pallas(
+                y, x, banks, token_slots, sorted_ids, counts, starts, mapping.is_prefill, config
+            )
+        except NotImplementedError as e:
+            _log_fallback_once(str(e))
+    return _add_lora_xla(y, x, banks, sorted_ids, counts, starts, config)
+
+
+def add_lora_embedding(
+    y: jax.Array,
+    token_ids: jax.Array,
+    bank: LoRABank,
+    mapping: LoRAMapping,
+    *,
+    config: OpsConfig | None = None,
+) -> jax.Array:
+    """Embedding LoRA: `y[t] += scale[slot] * a[slot, token_ids[t]] @ b[slot]` (XLA path).
+
+    Args:
+      y: `[T, hidden]`, the base embedding's output.
+      token_ids: int `[T]` (validated against the vocabulary on the host).
+      bank: `a [slots, vocab, R]`, `b [slots, R, hidden]`, `scale [slots]`.
+      mapping: the step's `LoRAMapping`.
+      config: tunables of the XLA path; `OpsConfig()` when None.
+    """
+    config = OpsConfig() if config is None else config
+    if y.ndim != 2 or token_ids.shape != (y.shape[0],):
+        raise ValueError(
+            f"y must be [T, hidden] and token_ids [T], got {y.shape} and {token_ids.shape}"
+        )
+    if bank.b.shape[2] != y.shape[1]:
+        raise ValueError(f"bank's output dim {bank.b.shape[2]} != y's {y.shape[1]} columns")
+    token_slots, sorted_ids, counts, starts = _segments_for_rows(mapping, y.shape[0])
+    if y.shape[0] == 0:
+        return y
+    h = bank.a[token_slots, token_ids].astype(jnp.float32)  # [T, R]
+    return _xla_blocks(
+        y,
+        h,
+        lambda rows, slot: (rows,),
+        ((bank.b, bank.scale),),
+        sorted_ids,
+        counts,
+        starts,
+        config,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Argument handling
+# --------------------------------------------------------------------------------------------
+
+
+def _as_banks(banks) -> tuple[LoRABank, ...]:
+    if isinstance(banks, LoRABank):
+        return (banks,)
+    banks = tuple(banks)
+    if not banks or not all(isinstance(b, LoRABank) for b in banks):
+        raise ValueError(f"banks must be a LoRABank or a non-empty sequence of them, got {banks}")
+    return banks
+
+
+def _check_linear_args(y, x, banks) -> None:
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x must be [T, in] and y [T, out], got {x.shape} and {y.shape}")
+    num_slots = banks[0].num_slots
+    for i, bank in enumerate(banks):
+        if bank.input_dim != x.shape[1] or bank.num_slots != num_slots:
+            raise ValueError(
+                f"banks[{i}] is [slots={bank.num_slots}, in={bank.input_dim}], expected "
+                f"[slots={num_slots}, in={x.shape[1]}] to match x {x.shape}"
+            )
+    total = sum(bank.output_dim for bank in banks)
+    if total != y.shape[1]:
+        raise ValueError(f"the slices' output dims sum to {total}, but y has {y.shape[1]} columns")
+
+
+def _segments_for_rows(mapping: LoRAMapping, rows: int):
+    """(token_slots, sorted_ids, slot_counts, slot_starts) for `rows` rows of activations."""
+    if rows == mapping.token_slots.shape[0]:
+        return (
+            mapping.token_slots,
+            mapping.sorted_token_ids,
+            mapping.slot_counts,
+            mapping.slot_starts,
+        )
+    if rows == mapping.seq_slots.shape[0]:
+        # One row per sequence (last tokens): the mapping's segments are per token, so sort the
+        # few sequence rows here. B is small; this is not the per-token hot path.
+        slots = mapping.seq_slots.astype(jnp.int32)
+        counts = jnp.zeros(mapping.num_slots, jnp.int32).at[slots].add(1)
+        starts = jnp.cumsum(counts) - counts
+        return slots, jnp.argsort(slots, stable=True).astype(jnp.int32), counts, starts
+    raise ValueError(
+        f"activations have {rows} rows, but the mapping has {mapping.token_slots.shape[0]} "
+        f"tokens and {mapping.seq_slots.shape[0]} sequences"
+    )
+
+
+def _log_fallback_once(reason: str) -> None:
+    if reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        logger.warning("jlora.ops: Pallas path unavailable (%s); using the XLA path", reason)
+
+
+# --------------------------------------------------------------------------------------------
+# Pallas path
+# --------------------------------------------------------------------------------------------
+
+
+def _add_lora_pallas(y, x, banks, token_slots, sorted_ids, counts, starts, is_prefill, config):
+    backend = jax.default_backend()
+    if backend != "gpu" and not config.interpret:
+        raise NotImplementedError(f"the Pallas Triton kernels need a GPU, backend is {backend!r}")
+    for name, arr in (("x", x), ("y", y), *((f"bank {i}", b.a) for i, b in enumerate(banks))):
+        if arr.dtype not in _PALLAS_DTYPES:
+            raise NotImplementedError(
+                f"{name} has dtype {arr.dtype}; the kernels take f32/bf16/f16"
+            )
+    a = tuple(bank.a for bank in banks)
+    b = tuple(bank.b for bank in banks)
+    scale = tuple(bank.scale for bank in banks)
+    if is_prefill:
+        seg = (sorted_ids, counts, starts)
+        cfg = config.segmented
+        h = pk.segmented_shrink(x, a, *seg, config=cfg, interpret=config.interpret)
+        return pk.segmented_expand(y, h, b, scale, *seg, config=cfg, interpret=config.interpret)
+    cfg = config.gathered
+    h = pk.gathered_shrink(x, a, token_slots, config=cfg, interpret=config.interpret)
+    return pk.gathered_expand(y, h, b, scale, token_slots, config=cfg, interpret=config.interpret)
+
+
+# --------------------------------------------------------------------------------------------
+# XLA path (CPU)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_lora_xla(y, x, banks, sorted_ids, counts, starts, config):
+    a = tuple(bank.a for bank in banks)
+
+    def shrink(rows, slot):  # rows [block_t, in] -> one float32 [block_t, R_i] per slice
+        return tuple(jnp.matmul(rows, ai[slot], preferred_element_type=jnp.float32) for ai in a)
+
+    expand = tuple((bank.b, bank.scale) for bank in banks)
+    return _xla_blocks(y, x, shrink, expand, sorted_ids, counts, starts, config)
+
+
+def _xla_blocks(
+    y: jax.Array,
+    source: jax.Array,
+    shrink: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]],
+    expand: tuple[tuple[jax.Array, jax.Array], ...],
+    sorted_ids: jax.Array,
+    counts: jax.Array,
+    starts: jax.Array,
+    config: OpsConfig,
+) -> jax.Array:
+    """Adds `concat_i((shrink(source rows, s)_i * scale_i[s]) @ b_i[s])` into y, block by block.
+
+    `source` is `[T, F]` in token order (x for a linear layer, the gathered `h` for an
+    embedding); `shrink` maps a block of its rows and the block's slot to one `[block_t, R_i]`
+    per slice; `expand` holds `(b_i, scale_i)` per slice, whose widths sum to y's columns.
+    """
+    num_tokens = y.shape[0]
+    strategy, block_t = _xla_plan(num_tokens, config)
+    # Slot 0 needs no work: with its count zeroed it owns no blocks and its rows stay as they are.
+    blocks = pk.segment_blocks(counts.at[0].set(0), starts, num_tokens=num_tokens, block_t=block_t)
+    num_real = jnp.sum(blocks.length > 0)
+    sorted_ids = sorted_ids.astype(jnp.int32)
+
+    def delta_of(rows, slot):  # [block_t, F] -> float32 [block_t, out]
+        hs = shrink(rows, slot)
+        parts = [
+            jnp.matmul(
+                (h * scale[slot]).astype(b.dtype), b[slot], preferred_element_type=jnp.float32
+            )
+            for h, (b, scale) in zip(hs, expand, strict=True)
+        ]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+    if strategy == "sorted":
+        # Sorted copy of the source with block_t rows of slack, so the last block's slice stays
+        # in bounds. A block may run past its segment into the next slot's rows: those rows of
+        # `delta` are overwritten by the next slot's first block (blocks run in sorted order),
+        # and slot 0's rows, first in the order, are never written.
+        pad_ids = jnp.concatenate([sorted_ids, jnp.zeros(block_t, jnp.int32)])
+        source_sorted = source[pad_ids]  # [T + block_t, F]
+
+        def body(i, delta):
+            rows = lax.dynamic_slice_in_dim(source_sorted, blocks.start[i], block_t)
+            return lax.dynamic_update_slice_in_dim(
+                delta, delta_of(rows, blocks.slot[i]), blocks.start[i], 0
+            )
+
+        delta = jnp.zeros((num_tokens + block_t, y.shape[1]), jnp.float32)
+        delta = lax.fori_loop(0, num_real, body, delta)
+        inverse = (
+            jnp.zeros(num_tokens, jnp.int32)
+            .at[sorted_ids]
+            .set(jnp.arange(num_tokens, dtype=jnp.int32))
+        )
+        return (y.astype(jnp.float32) + delta[inverse]).astype(y.dtype)
+
+    # "scatter": rows outside the block's segment get index num_tokens, out of bounds, so the
+    # gather fills them with zeros and the scatter drops them.
+    pad_ids = jnp.concatenate([sorted_ids, jnp.full(block_t, num_tokens, jnp.int32)])
+    lane = jnp.arange(block_t, dtype=jnp.int32)
+
+    def body(i, out):
+        ids = lax.dynamic_slice_in_dim(pad_ids, blocks.start[i], block_t)
+        ids = jnp.where(lane < blocks.length[i], ids, num_tokens)
+        rows = source.at[ids].get(mode="fill", fill_value=0)
+        delta = delta_of(rows, blocks.slot[i])
+        if out.dtype == jnp.float32:
+            return out.at[ids].add(delta, mode="drop")
+        # Narrow dtypes: add in float32 and round once, as the reference does.
+        old = out.at[ids].get(mode="fill", fill_value=0).astype(jnp.float32)
+        return out.at[ids].set((old + delta).astype(out.dtype), mode="drop")
+
+    return lax.fori_loop(0, num_real, body, y)

@@ -1,0 +1,181 @@
+"""jlora.ops: the XLA (CPU) path and the impl dispatch against jlora.reference."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_cases import BENCH_CASES, KERNEL_CASES, TOLERANCES, make_inputs
+
+from jlora import ops, reference
+from jlora.mapping import LoRAMapping
+from jlora.weights import LoRABank
+
+CASES = {c.name: c for c in KERNEL_CASES + BENCH_CASES}
+
+
+def layer_inputs(case, rng, *, is_prefill=True):
+    """(y, x, banks, mapping) for `case`; y covers exactly the slices' columns."""
+    inp = make_inputs(case, rng)
+    banks = tuple(
+        LoRABank(a=a, b=b, scale=s)
+        for a, b, s in zip(inp["a"], inp["b"], inp["scale"], strict=True)
+    )
+    mapping = LoRAMapping(
+        token_slots=inp["token_slots"],
+        seq_slots=jnp.zeros(1, jnp.int32),
+        sorted_token_ids=inp["sorted_token_ids"],
+        slot_counts=inp["slot_counts"],
+        slot_starts=inp["slot_starts"],
+        is_prefill=is_prefill,
+    )
+    y = inp["y"][:, case.offset : case.offset + sum(case.widths)]
+    return y, inp["x"], banks, mapping
+
+
+def assert_matches_reference(out, y, x, banks, mapping, dtype):
+    expected = reference.add_lora(y, x, banks, mapping.token_slots)
+    assert out.shape == y.shape and out.dtype == y.dtype
+    base = np.asarray(mapping.token_slots) == 0
+    np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(y)[base])
+    rtol, atol = TOLERANCES[dtype]
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(expected, np.float32), rtol=rtol, atol=atol
+    )
+
+
+def run_jitted(y, x, banks, mapping, **kw):
+    return jax.jit(lambda y, x, banks, m: ops.add_lora(y, x, banks, m, **kw))(y, x, banks, mapping)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES + BENCH_CASES, ids=str)
+def test_xla_path_matches_reference(case, rng):
+    y, x, banks, mapping = layer_inputs(case, rng)
+    out = run_jitted(y, x, banks, mapping, impl="xla")
+    assert_matches_reference(out, y, x, banks, mapping, case.dtype)
+
+
+@pytest.mark.parametrize("strategy", ops.XLA_STRATEGIES)
+@pytest.mark.parametrize("block_t", [1, 3, 16, 64])
+@pytest.mark.parametrize("name", ["pattern_empty_segments", "bfloat16_qkv", "slots33_random"])
+def test_xla_strategies_and_blocks(name, block_t, strategy, rng):
+    """Both ways of moving rows, with blocks smaller and larger than the segments."""
+    case = CASES[name]
+    y, x, banks, mapping = layer_inputs(case, rng)
+    config = ops.OpsConfig(xla_strategy=strategy, xla_block_t=block_t)
+    out = run_jitted(y, x, banks, mapping, impl="xla", config=config)
+    assert_matches_reference(out, y, x, banks, mapping, case.dtype)
+
+
+@pytest.mark.parametrize("is_prefill", [True, False], ids=["segmented", "gathered"])
+@pytest.mark.parametrize("name", ["pattern_random", "float16_qkv"])
+def test_pallas_path_in_interpret_mode(name, is_prefill, rng):
+    """impl="pallas" runs the segmented kernels for prefill, the gathered ones for decode."""
+    case = CASES[name]
+    y, x, banks, mapping = layer_inputs(case, rng, is_prefill=is_prefill)
+    config = ops.OpsConfig(interpret=True)
+    out = run_jitted(y, x, banks, mapping, impl="pallas", config=config)
+    assert_matches_reference(out, y, x, banks, mapping, case.dtype)
+
+
+def test_auto_uses_xla_on_cpu_without_falling_back(rng, caplog):
+    assert jax.default_backend() == "cpu"
+    y, x, banks, mapping = layer_inputs(CASES["pattern_random"], rng)
+    with caplog.at_level(logging.WARNING, logger="jlora.ops"):
+        out = run_jitted(y, x, banks, mapping)
+    assert caplog.records == []
+    assert_matches_reference(out, y, x, banks, mapping, "float32")
+
+
+def test_pallas_without_gpu_falls_back_and_logs_once(rng, caplog, monkeypatch):
+    monkeypatch.setattr(ops, "_logged_fallbacks", set())
+    y, x, banks, mapping = layer_inputs(CASES["pattern_random"], rng)
+    with caplog.at_level(logging.WARNING, logger="jlora.ops"):
+        out = ops.add_lora(y, x, banks, mapping, impl="pallas")
+        again = ops.add_lora(y, x, banks, mapping, impl="pallas")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "need a GPU" in messages[0], messages
+    assert_matches_reference(out, y, x, banks, mapping, "float32")
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(out))
+
+
+def test_unknown_impl_names_the_choices(rng):
+    y, x, banks, mapping = layer_inputs(CASES["pattern_random"], rng)
+    with pytest.raises(ValueError, match=r"'auto', 'pallas', 'xla'"):
+        ops.add_lora(y, x, banks, mapping, impl="triton")
+
+
+def test_bad_shapes_raise(rng):
+    y, x, banks, mapping = layer_inputs(CASES["float32_qkv"], rng)
+    with pytest.raises(ValueError, match="sum to"):
+        ops.add_lora(y[:, :-1], x, banks, mapping)
+    with pytest.raises(ValueError, match="in="):
+        ops.add_lora(y, x[:, :-1], banks, mapping)
+    with pytest.raises(ValueError, match="rows"):
+        ops.add_lora(y[:-1], x[:-1], banks, mapping)
+
+
+def test_invalid_config_raises():
+    with pytest.raises(ValueError, match="xla_strategy"):
+        ops.OpsConfig(xla_strategy="onehot")
+    with pytest.raises(ValueError, match="xla_block_t"):
+        ops.OpsConfig(xla_block_t=0)
+
+
+def test_all_slot0_batch_returns_y_exactly(rng):
+    y, x, banks, mapping = layer_inputs(CASES["pattern_all_slot0"], rng)
+    np.testing.assert_array_equal(np.asarray(run_jitted(y, x, banks, mapping)), np.asarray(y))
+
+
+def test_new_mapping_does_not_retrace(rng):
+    case = CASES["pattern_random"]
+    y, x, banks, mapping = layer_inputs(case, rng)
+    traces = []
+
+    @jax.jit
+    def layer(y, x, banks, m):
+        traces.append(1)
+        return ops.add_lora(y, x, banks, m)
+
+    for _ in range(3):
+        _, _, _, mapping = layer_inputs(case, rng)
+        out = layer(y, x, banks, mapping)
+        assert_matches_reference(out, y, x, banks, mapping, case.dtype)
+    assert len(traces) == 1
+
+
+def test_rows_per_sequence_use_seq_slots(rng):
+    """An LM head sees one row per sequence: the slots come from `seq_slots`."""
+    mapping = LoRAMapping.build([2, 0, 1, 2], [3, 1, 2, 2], num_slots=3, num_tokens=16)
+    case = CASES["pattern_random"]
+    inp = make_inputs(case, rng)
+    bank = LoRABank(a=inp["a"][0][:3], b=inp["b"][0][:3], scale=inp["scale"][0][:3])
+    x = jnp.asarray(rng.standard_normal((4, case.in_features)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((4, case.widths[0])), jnp.float32)
+    out = run_jitted(y, x, (bank,), mapping)
+    expected = reference.add_lora(y, x, (bank,), mapping.seq_slots)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["pattern_random", "slots33_one_token", "bfloat16_random"])
+def test_embedding_matches_reference(name, rng):
+    case = CASES[name]
+    inp = make_inputs(case, rng)
+    vocab, rank, width, slots = 50, 8, case.widths[0], case.num_slots
+    bank = LoRABank(
+        a=jnp.asarray(rng.standard_normal((slots, vocab, rank)), case.dtype).at[0].set(0),
+        b=jnp.asarray(rng.standard_normal((slots, rank, width)) / 3, case.dtype).at[0].set(0),
+        scale=inp["scale"][0],
+    )
+    _, _, _, mapping = layer_inputs(case, rng)
+    y = inp["y"][:, :width]
+    token_ids = jnp.asarray(rng.integers(0, vocab, case.num_tokens), jnp.int32)
+    out = jax.jit(ops.add_lora_embedding)(y, token_ids, bank, mapping)
+    expected = reference.add_lora_embedding(y, token_ids, bank, mapping.token_slots)
+    base = np.asarray(mapping.token_slots) == 0
+    np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(y)[base])
+    rtol, atol = TOLERANCES[case.dtype]
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(expected, np.float32), rtol=rtol, atol=atol
+    )
