@@ -1,16 +1,23 @@
-"""The ``jlora`` console script: ``demo``, ``inspect``. Imports the public jlora API only."""
+"""The ``jlora`` console script: ``demo``, ``bench``, ``inspect``, ``convert``.
+
+``demo`` is the main job on an embedded default: a small random-weight Llama, several synthetic
+PEFT adapters written to a temp dir in PEFT's file layout, a mixed batch served by the engine.
+Imports jlora modules only.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import pathlib
 import sys
+import tempfile
+import time
+
+import numpy as np
 
 import jlora
 from jlora.peft import PEFTConfig
-
-REPO_FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "adapters"
 
 
 def adapter_summary(path: str | os.PathLike) -> dict:
@@ -54,23 +61,235 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class Progress:
+    """A one-line progress bar on stderr: ``label [#####.....] 12/40``."""
+
+    def __init__(self, total: int, label: str, width: int = 30, out=None):
+        self.total, self.label, self.width, self.done = max(total, 1), label, width, 0
+        self.out = out or sys.stderr
+
+    def advance(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        # Redraw in place on a terminal; elsewhere (logs, CI) print the finished bar only.
+        if self.done < self.total and not self.out.isatty():
+            return
+        filled = self.width * self.done // self.total
+        bar = "#" * filled + "." * (self.width - filled)
+        end = "\n" if self.done == self.total else ""
+        print(
+            f"\r{self.label} [{bar}] {self.done}/{self.total}", end=end, file=self.out, flush=True
+        )
+
+
 def cmd_demo(args) -> int:
-    root = pathlib.Path(args.adapters)
-    dirs = sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file())
-    if not dirs:
-        print(f"error: no PEFT adapters under {root}", file=sys.stderr)
+    from jlora.engine import Engine
+    from jlora.models.llama import LlamaConfig
+    from jlora.sampling import SamplingParams
+    from jlora.synthetic import llama_module_shapes, random_llama, write_peft_adapter
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
+    model = random_llama(config, seed=0)
+    rng = np.random.default_rng(0)
+    specs = [  # name, rank, alpha, projections
+        ("sql", 8, 16, ("q_proj", "v_proj")),
+        ("chat", 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("code", 16, 16, ("gate_proj", "up_proj", "down_proj")),
+        ("math", 4, 8, jlora.synthetic.LLAMA_PROJECTIONS),
+        ("poems", 8, 8, jlora.synthetic.LLAMA_PROJECTIONS),
+        ("legal", 16, 32, ("q_proj", "o_proj", "down_proj")),
+    ]
+    with tempfile.TemporaryDirectory(prefix="jlora-demo-") as root:
+        requests = []
+        for i, (name, r, alpha, projections) in enumerate(specs):
+            path = write_peft_adapter(
+                os.path.join(root, name),
+                llama_module_shapes(config, projections),
+                r=r,
+                alpha=alpha,
+                seed=i,
+            )
+            requests.append(jlora.LoRARequest(lora_name=name, lora_int_id=i + 1, lora_path=path))
+        print(f"Wrote {len(specs)} synthetic PEFT adapters under {root}:\n")
+        print_table([adapter_summary(r.path) for r in requests])
+
+        # 4 device slots for 6 adapters: the engine swaps adapters as requests come and go.
+        engine = Engine(
+            model, jlora.LoRAConfig(max_loras=4, max_lora_rank=16), max_batch=8, max_seq_len=96
+        )
+        picks = [*requests, None, *requests[:3], None, requests[4]]
+        prompts = [
+            rng.integers(0, config.vocab_size, int(rng.integers(8, 40))).tolist() for _ in picks
+        ]
+        params = SamplingParams(max_tokens=args.max_tokens)
+        start = time.perf_counter()
+        engine.generate(prompts[:2], picks[:2], SamplingParams(max_tokens=2))  # compile
+        compile_s = time.perf_counter() - start
+        bar = Progress(len(picks) * args.max_tokens, "generating")
+        outs = engine.generate(prompts, picks, params, on_token=lambda i, t: bar.advance())
+        base = engine.generate(prompts, [None] * len(picks), params)
+    print(
+        f"\n{len(picks)} requests, {engine.config.max_loras} slots, max_batch "
+        f"{engine.max_batch}; first tokens of each generation:\n"
+    )
+    rows = [
+        {
+            "#": o.index,
+            "adapter": o.adapter or "(base)",
+            "prompt": len(o.prompt),
+            "tokens": " ".join(map(str, o.tokens[:10])),
+            "vs base": "same" if o.tokens == b.tokens else "differs",
+        }
+        for o, b in zip(outs, base, strict=True)
+    ]
+    print_table(rows)
+    s = engine.stats
+    print(
+        f"\nthroughput: {s.tokens_per_s:,.0f} tokens/s ({s.prompt_tokens} prompt + "
+        f"{s.generated_tokens} generated tokens in {s.wall_s:.2f} s; {s.prefill_calls} prefill "
+        f"calls, {s.decode_steps} decode steps); compile before that: {compile_s:.1f} s"
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jlora import bench
+
+    cfg = bench.BenchConfig()
+    if args.quick:
+        cfg = bench.BenchConfig(
+            hidden_size=256,
+            intermediate_size=688,
+            num_layers=2,
+            num_heads=8,
+            num_kv_heads=4,
+            vocab_size=1024,
+            num_seqs=8,
+            prompt_len=16,
+            new_tokens=8,
+            num_adapters=8,
+            skew_adapters=(4, 16),
+            skew_alphas=(1.0, 0.1),
+            skew_max_loras=4,
+        )
+    steps = (
+        3
+        + args.compare_peft
+        + (0 if args.no_skewed else len(cfg.skew_alphas) * len(cfg.skew_adapters))
+    )
+    bar = Progress(steps, "bench")
+    label = {"": None}
+
+    def progress(msg):
+        if label[""] is not None:
+            bar.advance()
+        label[""] = msg
+        bar.label = f"bench: {msg:<40.40}"
+        bar.advance(0)
+
+    results = bench.run(
+        cfg, compare_peft=args.compare_peft, skewed=not args.no_skewed, progress=progress
+    )
+    bar.advance()
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print_bench(results)
+    if args.plot:
+        plot_bench(results, args.plot)
+    return 0
+
+
+def print_bench(r: dict) -> None:
+    rows = [
+        {
+            "workload": k,
+            "tokens/s": f"{r[k + '_tok_s']:,.1f}",
+            "vs jlora base": f"{r[k + '_tok_s'] / r['base_tok_s']:.2f}x",
+        }
+        for k in ("base", "one_adapter", "distinct")
+    ]
+    if r.get("peft_distinct_tok_s"):
+        rows += [
+            {
+                "workload": f"HF+PEFT {k}",
+                "tokens/s": f"{r['peft_' + k + '_tok_s']:,.1f}",
+                "vs jlora base": f"{r['peft_' + k + '_tok_s'] / r['base_tok_s']:.2f}x",
+            }
+            for k in ("base", "one_adapter", "distinct")
+        ]
+    print_table(rows)
+    print(f"compile (excluded above): {r['compile_s']:.1f} s")
+    if r.get("peft_distinct_tok_s"):
+        print(f"jlora distinct / HF+PEFT distinct: {r['distinct_over_peft']:.2f}x")
+    for alpha, row in r.get("skewed", {}).items():
+        cells = ", ".join(
+            f"{n} adapters: {v['tok_s']:,.1f} tok/s" for n, v in row.items() if n != "drop"
+        )
+        print(f"skewed alpha={alpha}: {cells}; drop {100 * row['drop']:.1f}%")
+
+
+def plot_bench(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for alpha, row in r.get("skewed", {}).items():
+        ns = [int(n) for n in row if n != "drop"]
+        ax.plot(ns, [row[str(n)]["tok_s"] for n in ns], marker="o", label=f"skewed, alpha={alpha}")
+    ax.axhline(r["base_tok_s"], color="k", linestyle="--", label="base model")
+    ax.axhline(r["distinct_tok_s"], color="C3", linestyle=":", label="distinct adapters, all slots")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of adapters")
+    ax.set_ylabel("tokens / s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def cmd_convert(args) -> int:
+    from jlora.checkpoint import save_adapter
+
+    try:
+        model = jlora.load_adapter(args.path)
+        out = save_adapter(model, args.out, overwrite=args.overwrite)
+    except jlora.LoRAError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"PEFT adapters under {root} (written by HF PEFT, loaded and converted by jlora):\n")
-    print_table([adapter_summary(d) for d in dirs])
+    print(f"converted {args.path} -> {out} ({model.num_parameters:,} parameters)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jlora", description=jlora.__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job on the bundled example adapters")
-    demo.add_argument("--adapters", default=str(REPO_FIXTURES), help="directory of adapters")
+    demo = sub.add_parser("demo", help="serve a mixed batch with a small model and adapters")
+    demo.add_argument("--max-tokens", type=int, default=24)
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="end-to-end serving benchmark")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--plot", metavar="FILE.png", help="throughput vs number of adapters")
+    bench.add_argument(
+        "--compare-peft",
+        action="store_true",
+        help="also time HF transformers + PEFT (needs torch, transformers, peft)",
+    )
+    bench.add_argument("--no-skewed", action="store_true", help="skip the skewed workload")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    bench.set_defaults(func=cmd_bench)
+    convert = sub.add_parser("convert", help="PEFT adapter -> Orbax checkpoint")
+    convert.add_argument("path")
+    convert.add_argument("out")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.set_defaults(func=cmd_convert)
     inspect = sub.add_parser("inspect", help="validate a PEFT adapter and print its summary")
     inspect.add_argument("path")
     inspect.set_defaults(func=cmd_inspect)

@@ -1,17 +1,29 @@
-"""The console script: demo prints the adapter table; inspect validates or explains."""
+"""The console script: demo serves a mixed batch; bench reports; inspect and convert validate."""
 
-from conftest import ADAPTER_NAMES, ADAPTERS_DIR
+import json
 
+import numpy as np
+from conftest import ADAPTERS_DIR
+
+import jlora
 from jlora import cli
+from jlora.checkpoint import restore_adapter
 
 
-def test_demo_prints_every_adapter(capsys):
-    assert cli.main(["demo", "--adapters", str(ADAPTERS_DIR)]) == 0
+def test_demo_serves_a_mixed_batch(capsys):
+    assert cli.main(["demo", "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    for name in ADAPTER_NAMES:
+    for name in ("sql", "chat", "code", "math", "poems", "legal", "(base)"):
         assert name in out
-    for column in ("rank", "alpha", "scaling", "targets", "params", "bytes"):
-        assert column in out
+    assert "differs" in out and "same" in out and "tokens/s" in out
+
+
+def test_bench_quick_json(capsys):
+    assert cli.main(["bench", "--quick", "--no-skewed", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("base_tok_s", "one_adapter_tok_s", "distinct_tok_s"):
+        assert result[key] > 0
+    assert result["peft_distinct_tok_s"] is None
 
 
 def test_inspect_ok_and_error(capsys, tmp_path):
@@ -20,3 +32,14 @@ def test_inspect_ok_and_error(capsys, tmp_path):
     assert "mlp_r4_rslora" in out and "True" in out
     assert cli.main(["inspect", str(tmp_path)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_convert_round_trips(capsys, tmp_path):
+    src = ADAPTERS_DIR / "all_r8_bf16"
+    assert cli.main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
+    restored, original = restore_adapter(tmp_path / "ckpt"), jlora.load_adapter(src)
+    assert set(restored.loras) == set(original.loras)
+    for name, layer in original.loras.items():
+        np.testing.assert_array_equal(restored[name].lora_a, layer.lora_a)
+        assert restored[name].lora_a.dtype == layer.lora_a.dtype
+    assert cli.main(["convert", str(tmp_path), str(tmp_path / "x")]) == 2
