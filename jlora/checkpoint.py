@@ -6,9 +6,9 @@ no casts, which makes it the fast path of the manager's disk tier (``jlora.manag
 
 On disk (an orbax composite checkpoint with two items):
   ``arrays``: one flat 1-D array per dtype (``{"float32": [n], "bfloat16": [m]}``) holding every
-    tensor of that dtype back to back. Orbax/tensorstore pays a per-array cost, so a 7B adapter's
-    448 small tensors are stored as one or two arrays; restoring reads them whole and hands out
-    reshaped views.
+    tensor of that dtype back to back, uncompressed, in 1 MiB chunks. Orbax/tensorstore pays a
+    per-array cost: a 7B rank-16 adapter's 448 tensors restore ~2.7x slower saved one by one
+    (390 vs 145 ms on the 2-core dev box); restoring the packed buffers hands out reshaped views.
   ``jlora_adapter``: JSON with the format version, the adapter's id, name and path, and per
     module its weights' placement (dtype, offset, shape), scaling and kind (plain or packed).
 
