@@ -281,8 +281,7 @@ def _apply_nnx(model: nnx.Module, target_modules: TargetSpec, packed: PackedModu
     for path, m in nnx.iter_modules(model):
         if _is_lora(m):  # re-applying: start from the base classes
             object.__setattr__(m, "__class__", _BASE_CLASSES[type(m)])
-            for attr in ("_jlora_target", "_jlora_view"):
-                vars(m).pop(attr, None)
+            del m._jlora_target, m._jlora_view
         layer = _nnx_layer(".".join(str(p) for p in path), m)
         if layer is not None:
             found.append((layer, m))

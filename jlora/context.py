@@ -22,7 +22,7 @@ each sequence's last hidden state, ``[B, hidden]``) uses ``mapping.seq_slots [B]
 flattened row count is neither ``T`` nor ``B`` is an error.
 
 Also here: ``LayerView``, how a Linear, LinearGeneral, Einsum or Embed layer's input and output
-map to PEFT's ``[T, in]`` / ``[T, out]`` view. Imports jlora data-model modules only.
+map to PEFT's ``[T, in]`` / ``[T, out]`` view. Imports jlora data-model modules and jlora.ops.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import reference
+from jlora import ops
 from jlora.errors import AdapterMismatchError, MappingError
 from jlora.mapping import LoRAMapping
 from jlora.targets import TargetModule
@@ -48,10 +48,12 @@ Banks = Mapping[str, Sequence[LoRABank]]
 
 @dataclasses.dataclass(frozen=True)
 class LoRAContext:
-    """The LoRA state of one forward pass: slot banks per target name and the batch mapping."""
+    """The LoRA state of one forward pass: slot banks per target name, the batch mapping, and
+    the ``jlora.ops`` implementation the layers use."""
 
     banks: Mapping[str, tuple[LoRABank, ...]]
     mapping: LoRAMapping
+    impl: str = "auto"
 
 
 _ACTIVE: contextvars.ContextVar[LoRAContext | None] = contextvars.ContextVar(
@@ -60,7 +62,9 @@ _ACTIVE: contextvars.ContextVar[LoRAContext | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def lora_context(banks: Banks, mapping: LoRAMapping) -> Iterator[LoRAContext]:
+def lora_context(
+    banks: Banks, mapping: LoRAMapping, *, impl: str = "auto"
+) -> Iterator[LoRAContext]:
     """Makes ``banks`` and ``mapping`` the LoRA state of every wrapped layer called inside.
 
     Args:
@@ -68,11 +72,15 @@ def lora_context(banks: Banks, mapping: LoRAMapping) -> Iterator[LoRAContext]:
         ``LoRABank`` is accepted for an unpacked target). Every bank has ``mapping.num_slots``
         slots; slot 0 is zeros (the base model).
       mapping: the step's ``LoRAMapping``; ``token_slots`` laid out as the module docstring says.
+      impl: ``jlora.ops.add_lora``'s ``impl``: ``"auto"`` (Pallas on GPU, XLA elsewhere),
+        ``"pallas"`` or ``"xla"``.
 
     Contexts nest; the innermost one wins. Enter it inside ``jax.jit`` (see the module docstring):
     a wrapped layer traced under a transformation while the context holds concrete arrays raises,
     because those arrays would be baked into the compiled program as constants.
     """
+    if impl not in ops.IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {ops.IMPLS}")
     if not isinstance(mapping, LoRAMapping):
         raise MappingError(f"lora_context needs a LoRAMapping, got {type(mapping).__name__}")
     if not isinstance(banks, Mapping):
@@ -93,7 +101,7 @@ def lora_context(banks: Banks, mapping: LoRAMapping) -> Iterator[LoRAContext]:
                     f"num_slots={mapping.num_slots}; build both from the same max_loras + 1"
                 )
         normalized[name] = slices
-    ctx = LoRAContext(banks=normalized, mapping=mapping)
+    ctx = LoRAContext(banks=normalized, mapping=mapping, impl=impl)
     token = _ACTIVE.set(ctx)
     try:
         yield ctx
@@ -291,19 +299,18 @@ def lora_forward(target: TargetModule, view: LayerView, x: jax.Array, y: jax.Arr
             f"layer {target.name!r} was called as [in={in_dim}, out={y2.shape[-1]}] per token "
             f"but its target is [in={target.in_dim}, out={target.out_dim}]"
         )
-    token_slots = _slots_for(target, ctx.mapping, y2.shape[0])
+    _check_rows(target, ctx.mapping, y2.shape[0])
     if target.is_embedding:
-        y2 = reference.add_lora_embedding(y2, x2, banks[0], token_slots)
+        y2 = ops.add_lora_embedding(y2, x2, banks[0], ctx.mapping)
     else:
-        y2 = reference.add_lora(y2, x2, banks, token_slots)
+        y2 = ops.add_lora(y2, x2, banks, ctx.mapping, impl=ctx.impl)
     return view.restore_out(y2, y)
 
 
-def _slots_for(target: TargetModule, mapping: LoRAMapping, rows: int) -> jax.Array:
-    if rows == mapping.token_slots.shape[0]:
-        return mapping.token_slots
-    if rows == mapping.seq_slots.shape[0]:
-        return mapping.seq_slots
+def _check_rows(target: TargetModule, mapping: LoRAMapping, rows: int) -> None:
+    # jlora.ops picks token_slots or seq_slots by the same rule; checked here to name the layer.
+    if rows in (mapping.token_slots.shape[0], mapping.seq_slots.shape[0]):
+        return
     raise MappingError(
         f"layer {target.name!r} sees {rows} token rows, but the mapping has "
         f"{mapping.token_slots.shape[0]} tokens and {mapping.seq_slots.shape[0]} sequences; "

@@ -36,9 +36,15 @@ ADAPTERS = MIXED_META["adapters_loaded"]  # adapter id = index + 1
 VOCAB = 128
 
 
+_FORWARDS: dict[int, tuple] = {}
+
+
 def forward_fn(model):
     """A jitted ``(ids, banks=None, mapping=None, positions=None, cache=None, logits_index=None)``
-    for ``model``; banks and mapping enter through ``lora_context`` inside the jit."""
+    for ``model``; banks and mapping enter through ``lora_context`` inside the jit. One per model
+    (kept alive here), so tests sharing a model and shapes share compiled programs."""
+    if id(model) in _FORWARDS:
+        return _FORWARDS[id(model)][1]
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -51,6 +57,7 @@ def forward_fn(model):
     def call(ids, banks=None, mapping=None, positions=None, cache=None, logits_index=None):
         return forward(state, banks, mapping, ids, positions, cache, logits_index)
 
+    _FORWARDS[id(model)] = (model, call)
     return call
 
 
