@@ -14,6 +14,8 @@ Targets are matched by their dotted module path the way PEFT matches ``target_mo
 of names or dotted suffixes, a regex string that must match the whole path, or ``"all-linear"``).
 A fused projection (``qkv_proj``, ``gate_up_proj``) is one target with one output slice per PEFT
 module it serves, declared by ``packed_modules`` or the model's ``packed_modules_mapping``.
+Whether an adapter fits the targets (module names, dims, rank) is checked where it enters a slot
+bank: ``jlora.manager.add_adapter``.
 
 Imports jlora data-model modules and jlora.context only.
 """
@@ -91,7 +93,6 @@ def apply(
     The wrapped model's forward is the model's own; LoRA state comes from ``jlora.lora_context``.
     ``jlora.find_targets(wrapped)`` reports the ``TargetModule`` s the adapter manager allocates.
 
-    >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> mlp = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
     >>> [t.name for t in find_targets(apply(mlp))]
