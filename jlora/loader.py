@@ -60,6 +60,24 @@ class _Entry:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
+# dtype -> (unsigned view, mask without the sign bit, the all-ones exponent of Inf/NaN)
+_FLOAT_BITS = {
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    np.dtype(jnp.bfloat16): (np.uint16, 0x7FFF, 0x7F80),
+    np.dtype(np.float32): (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+    np.dtype(np.float64): (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+}
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """No NaN or Inf, by the bit pattern: one integer reduction, no boolean temporary (several
+    times faster than ``np.isfinite(x).all()``, which dominated loading)."""
+    if x.size == 0:
+        return True
+    view, mask, exponent = _FLOAT_BITS[x.dtype]
+    return int(np.bitwise_and(x.view(view), mask).max()) < exponent
+
+
 def default_adapter_id(path: str) -> int:
     """A stable id >= 1 derived from the adapter's absolute path (pass ``adapter_id`` to choose)."""
     return zlib.crc32(os.path.abspath(path).encode()) % (2**31 - 2) + 1
@@ -216,15 +234,15 @@ def _read_layer(f, file, module, e: _Entry, peft: PEFTConfig, dtype) -> LoRALaye
         if key is None:
             continue
         x = f.get_tensor(key)
-        if not np.isfinite(x).all():
+        if not _all_finite(x):
             bad = int(np.size(x) - np.isfinite(x).sum())
             raise AdapterWeightsError(
                 f"{file}: module {module!r}: tensor {key!r} holds {bad} NaN/Inf values; "
                 "the adapter is corrupt or diverged in training"
             )
         if role != "bias":
-            x = x.T  # PyTorch [r, in] / [out, r] -> JAX [in, r] / [r, out]
-        arrays[role] = np.ascontiguousarray(x if dtype is None else x.astype(dtype))
+            x = x.T  # PyTorch [r, in] / [out, r] -> JAX [in, r] / [r, out], a view: no copy
+        arrays[role] = x if dtype is None else x.astype(dtype, copy=False)
     return LoRALayerWeights(
         lora_a=arrays["a"],
         lora_b=arrays["b"],

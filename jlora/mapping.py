@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -129,12 +128,13 @@ class LoRAMapping:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
         padded_seq_slots = np.zeros(b, np.int32)
         padded_seq_slots[: slots.size] = slots
+        # device_put, not jnp.asarray: the latter compiles a small program per new shape.
         return cls(
-            token_slots=jnp.asarray(token_slots),
-            seq_slots=jnp.asarray(padded_seq_slots),
-            sorted_token_ids=jnp.asarray(sorted_ids),
-            slot_counts=jnp.asarray(counts),
-            slot_starts=jnp.asarray(starts),
+            token_slots=jax.device_put(token_slots),
+            seq_slots=jax.device_put(padded_seq_slots),
+            sorted_token_ids=jax.device_put(sorted_ids),
+            slot_counts=jax.device_put(counts),
+            slot_starts=jax.device_put(starts),
             is_prefill=bool(is_prefill),
         )
 
