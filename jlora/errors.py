@@ -48,3 +48,8 @@ class UnknownAdapterError(LoRAError, KeyError):
 
 class CheckpointError(LoRAError):
     """A model or adapter checkpoint is missing or has mismatched tensors."""
+
+
+class DonatedStateError(LoRAError):
+    """A manager state whose device banks were donated to a later state was used again; keep
+    using the newest state, or pass ``donate=False`` to keep old states usable."""

@@ -65,7 +65,7 @@ from jlora.config import LoRAConfig
 from jlora.errors import (
     AdapterMismatchError,
     CapacityError,
-    LoRAError,
+    DonatedStateError,
     UnknownAdapterError,
 )
 from jlora.mapping import LoRAMapping
@@ -77,10 +77,6 @@ BASE_ID = 0  # adapter id and slot of the base model ("no adapter")
 
 LoadFn = Callable[[LoRARequest, LoRAConfig, np.dtype], LoRAModel]
 BatchEntry = LoRARequest | int | None
-
-
-class DonatedStateError(LoRAError):
-    """A state whose device banks were donated to a later state was used again."""
 
 
 def load_from_disk(request: LoRARequest, config: LoRAConfig, dtype: np.dtype) -> LoRAModel:
