@@ -32,49 +32,29 @@ import tempfile
 import time
 
 import jax
-import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import jlora
-from jlora import manager
+from jlora import manager, synthetic
 from jlora.checkpoint import restore_adapter, save_adapter
+from jlora.models.llama import LlamaConfig
 from jlora.targets import TargetModule
 
 HIDDEN, INTERMEDIATE, LAYERS, RANK = 4096, 11008, 32, 16
-PROJ = {  # PEFT module -> (in, out)
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (HIDDEN, INTERMEDIATE),
-    "mlp.up_proj": (HIDDEN, INTERMEDIATE),
-    "mlp.down_proj": (INTERMEDIATE, HIDDEN),
-}
+LLAMA_7B = LlamaConfig(
+    vocab_size=32000,
+    hidden_size=HIDDEN,
+    intermediate_size=INTERMEDIATE,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=32,
+)
 
 
 def write_peft_adapter(directory: str, dtype: str) -> str:
-    """A PEFT-format adapter (PyTorch layout: A [r, in], B [out, r]) with random weights."""
-    os.makedirs(directory, exist_ok=True)
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for layer in range(LAYERS):
-        for module, (d_in, d_out) in PROJ.items():
-            key = f"base_model.model.model.layers.{layer}.{module}"
-            a = rng.standard_normal((RANK, d_in), np.float32) * 0.01
-            b = rng.standard_normal((d_out, RANK), np.float32) * 0.01
-            tensors[f"{key}.lora_A.weight"] = a.astype(dtype)
-            tensors[f"{key}.lora_B.weight"] = b.astype(dtype)
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "r": RANK,
-        "lora_alpha": 2 * RANK,
-        "target_modules": sorted({m.split(".")[-1] for m in PROJ}),
-        "bias": "none",
-    }
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
-    return directory
+    """A PEFT-format adapter on every projection of Llama-7B, random weights."""
+    return synthetic.write_peft_adapter(
+        directory, synthetic.llama_module_shapes(LLAMA_7B), r=RANK, alpha=2 * RANK, dtype=dtype
+    )
 
 
 def llama7b_targets() -> list[TargetModule]:
