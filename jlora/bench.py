@@ -84,13 +84,20 @@ def _prompts(cfg: BenchConfig, n: int, seed: int) -> list[list[int]]:
     return rng.integers(0, cfg.vocab_size, (n, cfg.prompt_len)).tolist()
 
 
-def _timed(engine: Engine, prompts, requests, params) -> tuple[float, float]:
-    """(tokens/s of a warm run, seconds of the cold run's extra time: compilation)."""
-    start = time.perf_counter()
-    engine.generate(prompts, requests, params)
-    cold = time.perf_counter() - start
-    engine.generate(prompts, requests, params)
-    return engine.stats.tokens_per_s, max(0.0, cold - engine.stats.wall_s)
+def _compile_s(engine: Engine, cfg: BenchConfig) -> float:
+    """Compiles every prefill and decode program of the workload (``Engine.warmup``)."""
+    return engine.warmup([cfg.prompt_len])
+
+
+def _interleaved_tok_s(engine: Engine, workloads: dict, prompts, params, rounds: int) -> dict:
+    """Median tokens/s per workload, the workloads run in turn ``rounds`` times so that machine
+    noise falls on all of them alike."""
+    seen: dict[str, list[float]] = {name: [] for name in workloads}
+    for _ in range(rounds):
+        for name, requests in workloads.items():
+            engine.generate(prompts, requests, params)
+            seen[name].append(engine.stats.tokens_per_s)
+    return {name: float(np.median(v)) for name, v in seen.items()}
 
 
 def run(
@@ -98,13 +105,14 @@ def run(
     *,
     compare_peft: bool = False,
     skewed: bool = True,
+    rounds: int = 3,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     model = random_llama(cfg.llama(), seed=cfg.seed)
     params = SamplingParams(max_tokens=cfg.new_tokens)
     n = cfg.num_seqs
     prompts = _prompts(cfg, n, cfg.seed)
-    results: dict = {}
+    results: dict = {"rounds": rounds}
     with tempfile.TemporaryDirectory(prefix="jlora-bench-") as root:
         pool = AdapterPool(cfg, root)
         lora_config = jlora.LoRAConfig(
@@ -113,19 +121,22 @@ def run(
         engine = Engine(
             model, lora_config, max_batch=n, max_seq_len=cfg.prompt_len + cfg.new_tokens
         )
-        progress("base model")
-        results["base_tok_s"], results["compile_s"] = _timed(engine, prompts, [None] * n, params)
-        progress("one adapter for every row")
-        one = [pool.request(0)] * n
-        results["one_adapter_tok_s"], _ = _timed(engine, prompts, one, params)
-        progress(f"{cfg.num_adapters} distinct adapters")
-        distinct = [pool.request(i % cfg.num_adapters) for i in range(n)]
-        results["distinct_tok_s"], _ = _timed(engine, prompts, distinct, params)
+        workloads = {
+            "base": [None] * n,
+            "one_adapter": [pool.request(0)] * n,
+            "distinct": [pool.request(i % cfg.num_adapters) for i in range(n)],
+        }
+        progress("compile")
+        results["compile_s"] = _compile_s(engine, cfg)
+        progress(f"base, one adapter, {cfg.num_adapters} distinct adapters")
+        tok_s = _interleaved_tok_s(engine, workloads, prompts, params, rounds)
+        results.update({f"{name}_tok_s": v for name, v in tok_s.items()})
         results["distinct_over_base"] = results["distinct_tok_s"] / results["base_tok_s"]
         results["peft_distinct_tok_s"] = None
         if compare_peft:
             progress("HF transformers + PEFT")
-            peft = peft_tokens_per_s(cfg, model, [r.path for r in distinct], prompts)
+            paths = [r.path for r in workloads["distinct"]]
+            peft = peft_tokens_per_s(cfg, model, paths, prompts, rounds)
             results.update({f"peft_{k}": v for k, v in peft.items()})
             results["distinct_over_peft"] = results["distinct_tok_s"] / peft["distinct_tok_s"]
         if skewed:
@@ -144,6 +155,8 @@ def skewed_workload(cfg: BenchConfig, model, pool: AdapterPool, progress) -> dic
     engine = Engine(model, lora_config, max_batch=n, max_seq_len=cfg.prompt_len + cfg.new_tokens)
     num_requests = 2 * n
     prompts = _prompts(cfg, num_requests, cfg.seed + 1)
+    progress("skewed: compile")
+    _compile_s(engine, cfg)
     out: dict = {}
     for alpha in cfg.skew_alphas:
         row = {}
@@ -152,15 +165,21 @@ def skewed_workload(cfg: BenchConfig, model, pool: AdapterPool, progress) -> dic
             rng = np.random.default_rng(cfg.seed + num_adapters)
             picks = np.floor(num_adapters * rng.power(alpha, num_requests)).astype(int)
             requests = [pool.request(int(i)) for i in picks]
-            tok_s, _ = _timed(engine, prompts, requests, params)
-            row[str(num_adapters)] = {"tok_s": tok_s, "distinct": int(len(set(picks)))}
+            # The first pass loads the adapters from disk; the timed second pass swaps them
+            # between host cache, disk and device slots as a steady-state server would.
+            engine.generate(prompts, requests, params)
+            engine.generate(prompts, requests, params)
+            row[str(num_adapters)] = {
+                "tok_s": engine.stats.tokens_per_s,
+                "distinct": int(len(set(picks))),
+            }
         first, last = (row[str(k)]["tok_s"] for k in (cfg.skew_adapters[0], cfg.skew_adapters[-1]))
         row["drop"] = 1.0 - last / first
         out[str(alpha)] = row
     return out
 
 
-def peft_tokens_per_s(cfg: BenchConfig, model, adapter_paths, prompts) -> dict:
+def peft_tokens_per_s(cfg: BenchConfig, model, adapter_paths, prompts, rounds: int) -> dict:
     """HF transformers + PEFT on the same weights, shapes and adapters (mixed-batch inference
     with ``adapter_names``), greedy, timed after a warm-up. Needs torch, transformers, peft."""
     import torch
@@ -208,11 +227,13 @@ def peft_tokens_per_s(cfg: BenchConfig, model, adapter_paths, prompts) -> dict:
         return total / (time.perf_counter() - start)
 
     gen(names)  # warm-up
-    return {
-        "base_tok_s": gen(None),
-        "one_adapter_tok_s": gen([names[0]] * len(names)),
-        "distinct_tok_s": gen(names),
-        "torch": torch.__version__,
+    workloads = {"base": None, "one_adapter": [names[0]] * len(names), "distinct": names}
+    seen: dict[str, list[float]] = {name: [] for name in workloads}
+    for _ in range(rounds):
+        for name, w in workloads.items():
+            seen[name].append(gen(w))
+    return {f"{name}_tok_s": float(np.median(v)) for name, v in seen.items()} | {
+        "torch": torch.__version__
     }
 
 

@@ -161,27 +161,25 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from jlora import bench
 
-    cfg = bench.BenchConfig()
-    if args.quick:
-        cfg = bench.BenchConfig(
-            hidden_size=256,
-            intermediate_size=688,
-            num_layers=2,
-            num_heads=8,
-            num_kv_heads=4,
-            vocab_size=1024,
-            num_seqs=8,
-            prompt_len=16,
-            new_tokens=8,
-            num_adapters=8,
-            skew_adapters=(4, 16),
-            skew_alphas=(1.0, 0.1),
-            skew_max_loras=4,
-        )
+    cfg = bench.BenchConfig(
+        hidden_size=128,
+        intermediate_size=344,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=512,
+        num_seqs=4,
+        prompt_len=16,
+        new_tokens=8,
+        num_adapters=4,
+        skew_adapters=(2, 8),
+        skew_alphas=(1.0, 0.1),
+        skew_max_loras=2,
+    )
     steps = (
-        3
+        2
         + args.compare_peft
-        + (0 if args.no_skewed else len(cfg.skew_alphas) * len(cfg.skew_adapters))
+        + (0 if args.no_skewed else 1 + len(cfg.skew_alphas) * len(cfg.skew_adapters))
     )
     bar = Progress(steps, "bench")
     label = {"": None}

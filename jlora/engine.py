@@ -166,6 +166,19 @@ class Engine:
     def list_loras(self) -> tuple[manager.AdapterInfo, ...]:
         return manager.list_adapters(self.state)
 
+    def warmup(self, prompt_lengths: Sequence[int] = (1,)) -> float:
+        """Compiles every program ``generate`` can need for prompts of these lengths: the decode
+        step and one prefill per rows bucket (1, 2, 4, ..., ``max_batch``) per prompt-length
+        bucket. Returns the seconds it took. Serving loops call it once, before traffic."""
+        start = time.perf_counter()
+        for length in sorted({token_bucket(n) for n in prompt_lengths}):
+            rows = 1
+            while rows <= self.max_batch:
+                prompt = [0] * min(length, self.max_seq_len - 1)
+                self.generate([prompt] * rows, None, SamplingParams(max_tokens=2))
+                rows *= 2
+        return time.perf_counter() - start
+
     def num_compiled(self) -> int:
         """Programs compiled so far by the prefill and decode steps."""
         return self._prefill._cache_size() + self._decode._cache_size()
