@@ -1,0 +1,322 @@
+"""Runs the sharded Llama + multi-LoRA cases on 8 host devices and prints a JSON report on stdout.
+
+Started by tests/test_sharding.py in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``, so the rest of the suite keeps its single
+CPU device. It measures and records; the assertions live in test_sharding.py, which checks the
+recorded specs against its own table (not against jlora.sharding's).
+
+Usage: ``python tests/sharding_worker.py [DATAxMODEL ...]`` (default: 1x8 2x4 8x1).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
+
+import jlora.manager as mgr
+from jlora import sharding as sh
+from jlora.apply import apply, find_targets
+from jlora.config import LoRAConfig
+from jlora.context import lora_context, padded_batch_mapping
+from jlora.loader import load_adapter
+from jlora.models.llama import KVCache, from_pretrained
+
+warnings.simplefilter("error")  # as the test suite: a "donated buffers were not usable" fails
+jax.config.update("jax_default_matmul_precision", "highest")
+START = time.perf_counter()
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+MIXED = load_file(str(FIXTURES / "mixed_batch.safetensors"))
+META = json.loads((FIXTURES / "mixed_batch.json").read_text())
+ADAPTERS = META["adapters_loaded"]  # adapter id = index + 1
+MAX_LEN = 16
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def mixed_batch():
+    """PEFT's mixed batch (10 rows: seven adapters, two base rows), padded to 16 rows with more
+    adapter rows so every data-axis size (1, 2, 8) divides it."""
+    ids = np.asarray(MIXED["input_ids"])
+    names = META["adapter_names"]
+    ids = np.concatenate([ids, ids[:6][::-1]])
+    names = names + names[3:9]
+    requests = [None if n == "__base__" else ADAPTERS.index(n) + 1 for n in names]
+    return ids, requests
+
+
+class CompileCounter:
+    """Counts XLA compilations per jitted function name while active."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, event, duration, **kwargs):
+        if event == COMPILE_EVENT:
+            name = kwargs.get("fun_name", "?")
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+def bank_report(state, mesh, init: dict | None = None) -> dict:
+    """Per target, per slice: the specs of a, b and scale; whether all three are laid out on the
+    whole mesh (not moved to one device); and whether each lays its data over the devices as the
+    same array did in ``init`` (the shardings ``shard_state`` placed). That last one is sharding
+    equivalence, not spec equality: on a mesh axis of size 1, ``P(None, 'model', None)`` and
+    ``P()`` are the same layout, and XLA may report either for a jitted write's output."""
+    specs = sh.bank_specs_of(state.banks)
+    out = {}
+    for name, banks in state.banks.items():
+        rows = []
+        for k, (bank, spec) in enumerate(zip(banks, specs[name], strict=True)):
+            arrays = (bank.a, bank.b, bank.scale)
+            on_mesh = all(mesh is None or getattr(x.sharding, "mesh", None) == mesh for x in arrays)
+            kept = init is None or all(
+                x.sharding.is_equivalent_to(sharding, x.ndim)
+                for x, sharding in zip(arrays, init[name][k], strict=True)
+            )
+            rows.append([str(spec.a), str(spec.b), str(spec.scale), on_mesh, kept])
+        out[name] = rows
+    return out
+
+
+def collectives(compiled) -> dict[str, int]:
+    """Collective ops in a compiled program, by kind (``-start`` async forms counted once), and
+    how many of them sit in the body of a while loop (they then run once per iteration)."""
+    text = compiled.as_text()
+    loop_bodies = set(re.findall(r"body=(%[\w.\-]+)", text))
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    counts["in_loops"] = 0
+    computation = None
+    for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY )?(%[\w.\-]+) ", line)
+        if header:
+            computation = header.group(1)
+        op = re.search(rf"= \S+ ({'|'.join(COLLECTIVES)})(?:-start)?\(", line)
+        if op:
+            counts[op.group(1)] += 1
+            counts["in_loops"] += computation in loop_bodies
+    return counts
+
+
+def run_case(base, adapters, mesh, *, fully: bool, decode: bool) -> dict:
+    """The mixed batch through a prefill into a KV cache, adapter churn between steps, then (with
+    ``decode``) a decode step; on one device when ``mesh`` is None."""
+    ids, requests = mixed_batch()
+    rows, length = ids.shape
+    model = apply(base if mesh is None else sh.shard_model(base, mesh))
+    targets = find_targets(model)
+    config = LoRAConfig(
+        max_loras=len(adapters), max_cpu_loras=16, max_lora_rank=16, fully_sharded_loras=fully
+    )
+    state = mgr.init_state(config, targets)
+    report: dict = {"banks": {}}
+    if mesh is not None:
+        styles = sh.layer_styles(model)
+        report["styles"] = styles
+        shardings = sh.bank_shardings(targets, mesh, styles, fully_sharded=fully)
+        state = sh.shard_state(state, shardings)
+    report["banks"]["init"] = bank_report(state, mesh)
+    init = {
+        name: [(b.a.sharding, b.b.sharding, b.scale.sharding) for b in banks]
+        for name, banks in state.banks.items()
+    }
+
+    graphdef, params = nnx.split(model)
+
+    def step(params, banks, mapping, ids, positions, cache):
+        with lora_context(banks, mapping):
+            return nnx.merge(graphdef, params)(ids, positions, kv_cache=cache)
+
+    if mesh is None:
+        forward = jax.jit(step)
+        cache = KVCache.zeros(base.config, batch_size=rows, max_len=MAX_LEN)
+
+        def place(mapping, *arrays):
+            return (mapping, *arrays)
+
+    else:
+        out_shardings = (sh.batch_sharding(mesh, 3), sh.kv_cache_shardings(base.config, mesh))
+        forward = jax.jit(step, out_shardings=out_shardings)
+        cache = sh.kv_cache_zeros(base.config, mesh, batch_size=rows, max_len=MAX_LEN)
+        report["cache_spec_init"] = str(cache.k.sharding.spec)
+
+        def place(mapping, *arrays):
+            return sh.shard_batch(mesh, mapping, *arrays)
+
+    with CompileCounter() as compiles:
+        for adapter in adapters:
+            state = mgr.add_adapter(state, adapter)
+        state, mapping = mgr.prepare_batch(
+            state, requests, [length] * rows, num_tokens=rows * length, num_seqs=rows
+        )
+        report["banks"]["prepare_batch"] = bank_report(state, mesh, init)
+
+        positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))
+        mapping, ids_in, pos_in = place(mapping, ids, positions)
+        args = (params, state.banks, mapping, ids_in, pos_in, cache)
+        t = time.perf_counter()
+        compiled = forward.lower(*args).compile()
+        report["prefill_compile_s"] = time.perf_counter() - t
+        report["prefill_collectives"] = collectives(compiled)
+        logits, cache = compiled(*args)
+        report["prefill_logits"] = np.asarray(logits)
+        report["logits_spec"] = str(logits.sharding.spec) if mesh is not None else None
+        report["cache_spec"] = str(cache.k.sharding.spec) if mesh is not None else None
+
+        # Churn between steps: free a slot, fill it, evict the least recently used adapter into
+        # another, with donation (the default) and without.
+        state = mgr.deactivate_adapter(state, 2)
+        report["banks"]["deactivate"] = bank_report(state, mesh, init)
+        extra = [adapters[0].clone(len(adapters) + 1), adapters[3].clone(len(adapters) + 2)]
+        for adapter in extra:
+            state = mgr.add_adapter(state, adapter)
+        state = mgr.activate_adapter(state, extra[0].id)  # takes the freed slot
+        state = mgr.activate_adapter(state, extra[1].id, donate=False)  # evicts the LRU
+        report["banks"]["evict"] = bank_report(state, mesh, init)
+
+        # Decode one token per row at position `length`; re-activates the evicted adapters.
+        state, decode_mapping = mgr.prepare_batch(
+            state, requests, [1] * rows, is_prefill=False, num_tokens=rows, num_seqs=rows
+        )
+        report["banks"]["decode_batch"] = bank_report(state, mesh, init)
+    report["slot_writer_compiles"] = sum(
+        n for name, n in compiles.counts.items() if "write_slot" in name or "clear_slots" in name
+    )
+    if decode:
+        decode_mapping, tok_in, pos_in = place(
+            decode_mapping, ids[:, :1], np.full((rows, 1), length, np.int32)
+        )
+        logits, cache = forward(params, state.banks, decode_mapping, tok_in, pos_in, cache)
+        report["decode_logits"] = np.asarray(logits)
+        report["decode_cache_spec"] = str(cache.k.sharding.spec) if mesh is not None else None
+    return report
+
+
+def layer_collectives(mesh) -> dict:
+    """One Linear wrapped by jlora.apply, its kernel column- or row-parallel, jitted on the mesh:
+    the collectives XLA inserts for the LoRA of each bank layout."""
+    out = {}
+    t, d_in, d_out, rank = 64, 64, 128, 16
+    rng = np.random.default_rng(0)
+    for style in (sh.COLUMN, sh.ROW):
+        for fully in (False, True):
+            layer = nnx.Linear(d_in, d_out, use_bias=False, rngs=nnx.Rngs(0))
+            kernel_spec = jax.P(None, sh.MODEL) if style == sh.COLUMN else jax.P(sh.MODEL, None)
+            layer.kernel.set_value(
+                jax.device_put(layer.kernel[...], jax.NamedSharding(mesh, kernel_spec))
+            )
+            wrapped = apply(layer)
+            (target,) = find_targets(wrapped)
+            state = mgr.init_state(LoRAConfig(max_loras=3, max_lora_rank=rank), [target])
+            shardings = sh.bank_shardings(
+                [target], mesh, sh.layer_styles(wrapped), fully_sharded=fully
+            )
+            banks = jax.device_put(
+                {
+                    target.name: tuple(
+                        bank.replace(
+                            a=jnp.asarray(rng.standard_normal(bank.a.shape), jnp.float32),
+                            b=jnp.asarray(rng.standard_normal(bank.b.shape), jnp.float32),
+                            scale=jnp.asarray([0.0, 1.0, 2.0, 0.5], jnp.float32),
+                        )
+                        for bank in state.banks[target.name]
+                    )
+                },
+                shardings,
+            )
+            mapping = padded_batch_mapping([1, 0, 2, 3] * 4, t // 16, num_slots=4)
+            graphdef, params = nnx.split(wrapped)
+
+            def step(params, banks, mapping, x, graphdef=graphdef):
+                with lora_context(banks, mapping):
+                    return nnx.merge(graphdef, params)(x)
+
+            x = jnp.asarray(rng.standard_normal((t, d_in)), jnp.float32)
+            x_spec = jax.P(sh.DATA, sh.MODEL if style == sh.ROW else None)
+            args = (
+                params,
+                banks,
+                jax.device_put(mapping, sh.mapping_shardings(mapping, mesh)),
+                jax.device_put(x, jax.NamedSharding(mesh, x_spec)),
+            )
+            compiled = jax.jit(step).lower(*args).compile()
+            base = jax.jit(lambda params, x, g=graphdef: nnx.merge(g, params)(x))
+            base_compiled = base.lower(params, args[3]).compile()
+            with_lora, without = collectives(compiled), collectives(base_compiled)
+            key = f"{style}{'-fully' if fully else ''}"
+            out[key] = {k: with_lora[k] - without[k] for k in (*COLLECTIVES, "in_loops")}
+            (bank,) = jax.device_get(banks[target.name])
+            xs, slots = np.asarray(x, np.float64), np.asarray(mapping.token_slots)
+            expected = xs @ np.asarray(layer.kernel[...], np.float64)
+            for i, s in enumerate(slots):
+                expected[i] += bank.scale[s] * (xs[i] @ bank.a[s] @ bank.b[s])
+            got = np.asarray(compiled(*args))
+            out[key]["rel_err"] = float(np.abs(got - expected).max() / np.abs(expected).max())
+    return out
+
+
+def main(argv: list[str]) -> None:
+    meshes = [tuple(int(n) for n in a.split("x")) for a in (argv or ["1x8", "2x4", "8x1"])]
+    if jax.device_count() < max(d * m for d, m in meshes):
+        raise SystemExit(f"need {max(d * m for d, m in meshes)} devices, have {jax.devices()}")
+    base = from_pretrained(FIXTURES / "tiny_llama")
+    fused = from_pretrained(FIXTURES / "tiny_llama", fuse_qkv=True, fuse_gate_up=True)
+    adapters = [
+        load_adapter(FIXTURES / "adapters" / n, adapter_id=i + 1) for i, n in enumerate(ADAPTERS)
+    ]
+    # (data, model, fully sharded, fused q/k/v and gate/up, decode step): every mesh with plain
+    # and fully sharded LoRA; the decode step and the packed projections on the 2-D mesh only,
+    # to keep the compile count (the run time) down.
+    cases = [(d, m, fully, False, (d, m) == (2, 4)) for d, m in meshes for fully in (False, True)]
+    if (2, 4) in meshes:
+        cases.append((2, 4, True, True, False))
+    timings = {}
+    t = time.perf_counter()
+    single = run_case(base, adapters, None, fully=False, decode=True)
+    timings["single"] = time.perf_counter() - t
+    result = {
+        "devices": jax.device_count(),
+        "peft_err": float(np.abs(single["prefill_logits"][:10] - MIXED["logits"]).max()),
+        "single_banks": single["banks"],
+        "cases": [],
+    }
+    for data, model, fully, fuse, decode in cases:
+        name = f"{data}x{model}{'-fully' if fully else ''}{'-fused' if fuse else ''}"
+        t = time.perf_counter()
+        case = run_case(
+            fused if fuse else base, adapters, sh.make_mesh(data, model), fully=fully, decode=decode
+        )
+        timings[name] = time.perf_counter() - t
+        case.update(name=name, mesh=[data, model], fully=fully, fused=fuse)
+        for step in ("prefill", "decode"):
+            if f"{step}_logits" in case:
+                got, want = case.pop(f"{step}_logits"), single[f"{step}_logits"]
+                case[f"{step}_rel_err"] = float(np.abs(got - want).max() / np.abs(want).max())
+        result["cases"].append(case)
+    t = time.perf_counter()
+    result["layer_collectives"] = layer_collectives(sh.make_mesh(1, 8))
+    timings["layer_collectives"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - START
+    result["timings"] = timings
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
