@@ -5,11 +5,15 @@ Started by tests/test_sharding.py in a subprocess with
 CPU device. It measures and records; the assertions live in test_sharding.py, which checks the
 recorded specs against its own table (not against jlora.sharding's).
 
-Usage: ``python tests/sharding_worker.py [DATAxMODEL ...]`` (default: 1x8 2x4 8x1).
+Usage: ``python tests/sharding_worker.py [DATAxMODEL ...]`` (default: 1x8 2x4 8x1). With
+``--processes N --process I --coordinator HOST:PORT`` it is process I of N under
+``jax.distributed.initialize`` (start all N; each sees its own host devices), and runs the fully
+sharded case on the global mesh.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import re
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.numpy import load_file
 
 import jlora.manager as mgr
@@ -94,6 +99,13 @@ def bank_report(state, mesh, init: dict | None = None) -> dict:
             rows.append([str(spec.a), str(spec.b), str(spec.scale), on_mesh, kept])
         out[name] = rows
     return out
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) global array as one numpy array on this host."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def collectives(compiled) -> dict[str, int]:
@@ -176,7 +188,7 @@ def run_case(base, adapters, mesh, *, fully: bool, decode: bool) -> dict:
         report["prefill_compile_s"] = time.perf_counter() - t
         report["prefill_collectives"] = collectives(compiled)
         logits, cache = compiled(*args)
-        report["prefill_logits"] = np.asarray(logits)
+        report["prefill_logits"] = to_host(logits)
         report["logits_spec"] = str(logits.sharding.spec) if mesh is not None else None
         report["cache_spec"] = str(cache.k.sharding.spec) if mesh is not None else None
 
@@ -204,8 +216,9 @@ def run_case(base, adapters, mesh, *, fully: bool, decode: bool) -> dict:
             decode_mapping, ids[:, :1], np.full((rows, 1), length, np.int32)
         )
         logits, cache = forward(params, state.banks, decode_mapping, tok_in, pos_in, cache)
-        report["decode_logits"] = np.asarray(logits)
+        report["decode_logits"] = to_host(logits)
         report["decode_cache_spec"] = str(cache.k.sharding.spec) if mesh is not None else None
+    report["slots"] = list(state.slots)  # the host bookkeeping's final slot table
     return report
 
 
@@ -273,7 +286,20 @@ def layer_collectives(mesh) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    meshes = [tuple(int(n) for n in a.split("x")) for a in (argv or ["1x8", "2x4", "8x1"])]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("meshes", nargs="*", default=["1x8", "2x4", "8x1"], help="DATAxMODEL")
+    parser.add_argument("--out", help="write the JSON report here (default: stdout)")
+    parser.add_argument("--process", type=int, default=0, help="this process's id")
+    parser.add_argument("--processes", type=int, default=1, help="processes (hosts) in all")
+    parser.add_argument("--coordinator", help="host:port of process 0, for several processes")
+    args = parser.parse_args(argv)
+    distributed = args.processes > 1
+    if distributed:
+        # Several processes on one machine: JAX's own multi-controller runtime, with Gloo for
+        # the CPU collectives (on GPUs and TPUs the platform's own are used).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.processes, args.process)
+    meshes = [tuple(int(n) for n in m.split("x")) for m in args.meshes]
     if jax.device_count() < max(d * m for d, m in meshes):
         raise SystemExit(f"need {max(d * m for d, m in meshes)} devices, have {jax.devices()}")
     base = from_pretrained(FIXTURES / "tiny_llama")
@@ -285,13 +311,17 @@ def main(argv: list[str]) -> None:
     # and fully sharded LoRA; the decode step and the packed projections on the 2-D mesh only,
     # to keep the compile count (the run time) down.
     cases = [(d, m, fully, False, (d, m) == (2, 4)) for d, m in meshes for fully in (False, True)]
-    if (2, 4) in meshes:
+    if distributed:  # the layout with every kind of split; the one-process runs cover the rest
+        cases = [(d, m, True, False, True) for d, m in meshes]
+    elif (2, 4) in meshes:
         cases.append((2, 4, True, True, False))
     timings = {}
     t = time.perf_counter()
-    single = run_case(base, adapters, None, fully=False, decode=True)
+    single = run_case(base, adapters, None, fully=False, decode=True)  # this process's device 0
     timings["single"] = time.perf_counter() - t
     result = {
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
         "devices": jax.device_count(),
         "peft_err": float(np.abs(single["prefill_logits"][:10] - MIXED["logits"]).max()),
         "single_banks": single["banks"],
@@ -300,22 +330,31 @@ def main(argv: list[str]) -> None:
     for data, model, fully, fuse, decode in cases:
         name = f"{data}x{model}{'-fully' if fully else ''}{'-fused' if fuse else ''}"
         t = time.perf_counter()
-        case = run_case(
-            fused if fuse else base, adapters, sh.make_mesh(data, model), fully=fully, decode=decode
-        )
+        mesh = sh.make_mesh(data, model)
+        case = run_case(fused if fuse else base, adapters, mesh, fully=fully, decode=decode)
         timings[name] = time.perf_counter() - t
-        case.update(name=name, mesh=[data, model], fully=fully, fused=fuse)
+        case.update(
+            name=name,
+            mesh=[data, model],
+            fully=fully,
+            fused=fuse,
+            mesh_processes=[[d.process_index for d in row] for row in mesh.devices.tolist()],
+        )
         for step in ("prefill", "decode"):
             if f"{step}_logits" in case:
                 got, want = case.pop(f"{step}_logits"), single[f"{step}_logits"]
                 case[f"{step}_rel_err"] = float(np.abs(got - want).max() / np.abs(want).max())
         result["cases"].append(case)
-    t = time.perf_counter()
-    result["layer_collectives"] = layer_collectives(sh.make_mesh(1, 8))
-    timings["layer_collectives"] = time.perf_counter() - t
+    if not distributed:
+        t = time.perf_counter()
+        result["layer_collectives"] = layer_collectives(sh.make_mesh(1, 8))
+        timings["layer_collectives"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - START
     result["timings"] = timings
-    json.dump(result, sys.stdout)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result))
+    else:
+        json.dump(result, sys.stdout)
 
 
 if __name__ == "__main__":

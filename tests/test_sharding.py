@@ -10,9 +10,11 @@ mesh.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -79,6 +81,46 @@ def report() -> dict:
     assert result["devices"] == 8
     assert [c["name"] for c in result["cases"]] == CASES
     return result
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory) -> list[dict]:
+    """Two processes of four host devices each under ``jax.distributed.initialize`` (Gloo for
+    the CPU collectives): the (2, 4) mesh spans both, as it would span two hosts."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("distributed")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(open(out / f"{i}.log", "w")) for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(WORKER), "2x4", "--processes", "2", "--process", str(i)]
+                + ["--coordinator", f"localhost:{port}", "--out", str(out / f"{i}.json")],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=logs[i],
+                cwd=WORKER.parent.parent,
+            )
+            for i in range(2)
+        ]
+        try:
+            codes = [p.wait(timeout=900) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    logs = [
+        "\n".join(
+            line for line in (out / f"{i}.log").read_text().splitlines() if "[Gloo]" not in line
+        )
+        for i in range(2)
+    ]
+    assert codes == [0, 0], [log[-4000:] for log in logs]
+    return [json.loads((out / f"{i}.json").read_text()) for i in range(2)]
 
 
 def case(report, name) -> dict:
@@ -161,6 +203,28 @@ def test_lora_collectives_per_bank_layout(report):
         counts = {k: v for k, v in got[layout].items() if k not in ("rel_err", "in_loops") and v}
         assert counts == want, layout
         assert got[layout]["rel_err"] <= 1e-6, layout
+
+
+def test_two_processes_under_jax_distributed(distributed):
+    """The same code as one process with 8 devices, as two processes (hosts) with 4 each: the
+    mesh puts ``data`` across the processes and ``model`` within each; both processes' host
+    bookkeeping takes the same slots; the logits equal one device's; the banks keep their
+    shardings through the manager's writes."""
+    assert [r["process"] for r in distributed] == [0, 1]
+    cases = [r["cases"] for r in distributed]
+    assert [[c["name"] for c in cs] for cs in cases] == [["2x4-fully"]] * 2
+    first, second = cases[0][0], cases[1][0]
+    assert first["mesh_processes"] == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    assert first["slots"] == second["slots"]
+    for c in (first, second):
+        assert c["prefill_rel_err"] <= REL_TOL and c["decode_rel_err"] <= REL_TOL
+        assert c["logits_spec"] == str(P("data", None, None))
+        for target, slices in c["banks"]["init"].items():
+            assert slices == [[*expected_bank_specs(target, True), True]] * len(slices)
+        for phase in PHASES[1:]:
+            for target, slices in c["banks"][phase].items():
+                assert [s[:3] for s in slices] == [s[:3] for s in c["banks"]["init"][target]]
+                assert all(on_mesh and kept for *_, on_mesh, kept in slices), (phase, target)
 
 
 def test_one_device_banks_have_no_mesh(report):
