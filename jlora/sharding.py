@@ -67,6 +67,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -80,6 +81,9 @@ from jlora.mapping import LoRAMapping
 from jlora.models.llama import KVCache, LlamaConfig
 from jlora.targets import TargetModule
 from jlora.weights import LoRABank
+
+if TYPE_CHECKING:
+    from jlora.manager import AdapterManagerState
 
 DATA = "data"
 MODEL = "model"
@@ -296,7 +300,7 @@ def bank_shardings(
     return out
 
 
-def shard_state(state, shardings: BankShardings):
+def shard_state(state: AdapterManagerState, shardings: BankShardings) -> AdapterManagerState:
     """Returns ``state`` (a ``jlora.manager.AdapterManagerState``) with its banks placed per
     ``shardings`` (``bank_shardings``); the host bookkeeping is shared, ``state`` is left as it
     was. Call it once, on the state ``init_state`` returns: the manager's slot writes keep these
@@ -396,11 +400,12 @@ def kv_cache_zeros(
 
 
 def place(x, sharding: NamedSharding) -> jax.Array:
-    """``x`` laid out per ``sharding``. A device array bound for devices of this process moves
-    device to device (``jax.device_put``); otherwise (host values, or a mesh spanning several
+    """``x`` laid out per ``sharding``. A device array moves device to device
+    (``jax.device_put``) when it stays within this process's devices or is already a global
+    array; otherwise (host values, or a local array bound for a mesh spanning several
     processes) every process passes the same full value and hands each of its devices its
     shard (``jax.make_array_from_callback``)."""
-    if isinstance(x, jax.Array) and sharding.is_fully_addressable:
+    if isinstance(x, jax.Array) and (sharding.is_fully_addressable or not x.is_fully_addressable):
         return jax.device_put(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
