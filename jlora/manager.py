@@ -226,6 +226,7 @@ def init_state(
     *,
     dtype: jnp.dtype | str | None = None,
     load_fn: LoadFn | None = None,
+    shardings: Mapping[str, Sequence[LoRABank]] | None = None,
 ) -> AdapterManagerState:
     """An empty manager: zero banks for every target slice, no adapters.
 
@@ -234,6 +235,10 @@ def init_state(
       targets: the model's LoRA-able layers (``jlora.targets.TargetModule``).
       dtype: the base model's dtype, used when ``config.lora_dtype`` is "auto" (default float32).
       load_fn: disk tier ``(request, config, dtype) -> LoRAModel``; default ``load_from_disk``.
+      shardings: target name -> one ``LoRABank`` of shardings per slice
+        (``jlora.sharding.bank_shardings``): the banks are created on the mesh, each device
+        allocating only its shard (on every process of a multi-host mesh); slot writes keep
+        the layout.
 
     >>> from jlora.targets import TargetModule
     >>> t = TargetModule(name="q", in_dim=8, out_dims=(4,), peft_names=("layers.0.q_proj",))
@@ -262,10 +267,21 @@ def init_state(
             index[peft_name] = (i, j)
     bank_dtype = np.dtype(config.jnp_dtype(jnp.float32 if dtype is None else dtype))
     num_slots = config.max_loras + 1
+    if shardings is not None and set(shardings) != set(by_name):
+        raise AdapterMismatchError(
+            f"shardings are given for targets {sorted(shardings)}, the state has {sorted(by_name)}"
+        )
     bank_list = tuple(
         tuple(
-            LoRABank.zeros(num_slots, t.in_dim, out, config.max_lora_rank, bank_dtype)
-            for out in t.out_dims
+            LoRABank.zeros(
+                num_slots,
+                t.in_dim,
+                out,
+                config.max_lora_rank,
+                bank_dtype,
+                sharding=None if shardings is None else shardings[t.name][j],
+            )
+            for j, out in enumerate(t.out_dims)
         )
         for t in targets
     )
@@ -860,7 +876,7 @@ def _request_id(entry: BatchEntry) -> int:
         return int(entry)
     raise UnknownAdapterError(
         f"a batch entry must be a LoRARequest, an adapter id (int >= 1) or None / 0 for the "
-        f"base model, got {entry!r}"
+        f"base model, got {entry if isinstance(entry, int) else type(entry).__name__!r}"
     )
 
 

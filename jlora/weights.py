@@ -187,13 +187,22 @@ class LoRABank:
 
     @classmethod
     def zeros(
-        cls, num_slots: int, in_dim: int, out_dim: int, max_rank: int, dtype=jnp.float32
+        cls,
+        num_slots: int,
+        in_dim: int,
+        out_dim: int,
+        max_rank: int,
+        dtype=jnp.float32,
+        *,
+        sharding: LoRABank | None = None,
     ) -> LoRABank:
-        """An empty bank: every slot zero (serves the base model)."""
+        """An empty bank: every slot zero (serves the base model). ``sharding``: a ``LoRABank``
+        of ``jax.sharding.Sharding`` s; each device then allocates only its shard."""
+        s = sharding or cls(a=None, b=None, scale=None)
         return cls(
-            a=jnp.zeros((num_slots, in_dim, max_rank), dtype),
-            b=jnp.zeros((num_slots, max_rank, out_dim), dtype),
-            scale=jnp.zeros((num_slots,), jnp.float32),
+            a=jnp.zeros((num_slots, in_dim, max_rank), dtype, device=s.a),
+            b=jnp.zeros((num_slots, max_rank, out_dim), dtype, device=s.b),
+            scale=jnp.zeros((num_slots,), jnp.float32, device=s.scale),
         )
 
     @property

@@ -137,13 +137,18 @@ def run_case(base, adapters, mesh, *, fully: bool, decode: bool) -> dict:
     config = LoRAConfig(
         max_loras=len(adapters), max_cpu_loras=16, max_lora_rank=16, fully_sharded_loras=fully
     )
-    state = mgr.init_state(config, targets)
     report: dict = {"banks": {}}
-    if mesh is not None:
+    if mesh is None:
+        state = mgr.init_state(config, targets)
+    else:
         styles = sh.layer_styles(model)
         report["styles"] = styles
         shardings = sh.bank_shardings(targets, mesh, styles, fully_sharded=fully)
-        state = sh.shard_state(state, shardings)
+        # Plain LoRA: banks created in place on the mesh; fully sharded: placed afterwards.
+        if fully:
+            state = sh.shard_state(mgr.init_state(config, targets), shardings)
+        else:
+            state = mgr.init_state(config, targets, shardings=shardings)
     report["banks"]["init"] = bank_report(state, mesh)
     init = {
         name: [(b.a.sharding, b.b.sharding, b.scale.sharding) for b in banks]
