@@ -44,6 +44,25 @@ class BenchConfig:
     skew_max_loras: int = 16
     seed: int = 0
 
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        """Tiny shapes: a smoke test of the whole benchmark in seconds."""
+        return cls(
+            hidden_size=128,
+            intermediate_size=344,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            vocab_size=512,
+            num_seqs=4,
+            prompt_len=16,
+            new_tokens=8,
+            num_adapters=4,
+            skew_adapters=(2, 8),
+            skew_alphas=(1.0, 0.1),
+            skew_max_loras=2,
+        )
+
     def llama(self) -> LlamaConfig:
         return LlamaConfig(
             vocab_size=self.vocab_size,

@@ -161,21 +161,7 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from jlora import bench
 
-    cfg = bench.BenchConfig(
-        hidden_size=128,
-        intermediate_size=344,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        vocab_size=512,
-        num_seqs=4,
-        prompt_len=16,
-        new_tokens=8,
-        num_adapters=4,
-        skew_adapters=(2, 8),
-        skew_alphas=(1.0, 0.1),
-        skew_max_loras=2,
-    )
+    cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     steps = (
         2
         + args.compare_peft

@@ -26,6 +26,26 @@ def test_bench_quick_json(capsys):
     assert result["peft_distinct_tok_s"] is None
 
 
+def test_bench_defaults_are_the_issue_workload(monkeypatch, capsys):
+    from jlora import bench
+
+    seen = {}
+
+    def fake_run(cfg, **kwargs):
+        seen["cfg"] = cfg
+        return {"base_tok_s": 1.0, "one_adapter_tok_s": 1.0, "distinct_tok_s": 1.0}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert cli.main(["bench", "--no-skewed", "--json"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (1024, 2816, 8)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (16, 8, 8192)
+    assert (cfg.num_seqs, cfg.prompt_len, cfg.new_tokens) == (32, 64, 32)
+    assert (cfg.num_adapters, cfg.rank, cfg.alpha) == (32, 16, 32)
+    assert cfg.skew_adapters == (8, 64, 512) and cfg.skew_max_loras == 16
+    assert cfg.skew_alphas == (1.0, 0.3, 0.1)
+
+
 def test_inspect_ok_and_error(capsys, tmp_path):
     assert cli.main(["inspect", str(ADAPTERS_DIR / "mlp_r4_rslora")]) == 0
     out = capsys.readouterr().out
