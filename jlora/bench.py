@@ -216,10 +216,14 @@ def peft_tokens_per_s(cfg: BenchConfig, model, adapter_paths, prompts, rounds: i
         tie_word_embeddings=False,
     )
     hf = transformers.LlamaForCausalLM(hf_config).eval()
-    weights = {
-        k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf_state_dict(model).items()
-    }
+    weights = {k: torch.from_numpy(np.array(v)) for k, v in hf_state_dict(model).items()}
     hf.load_state_dict(weights, strict=True)
+    # Same weights, same function: the two models must agree before their speed is compared.
+    with torch.no_grad():
+        ours = np.asarray(model(np.asarray(prompts[:2], np.int32)))
+        theirs = hf(torch.tensor(prompts[:2])).logits.numpy()
+    if not np.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * np.abs(ours).max()):
+        raise AssertionError("HF model built from the jlora weights disagrees with it")
     unique = list(dict.fromkeys(adapter_paths))
     by_path = {p: f"a{k}" for k, p in enumerate(unique)}
     peft_model = PeftModel.from_pretrained(hf, unique[0], adapter_name=by_path[unique[0]])
