@@ -13,19 +13,20 @@ The XLA path. A per-token gather of A and B (`A[token_slots]`) moves `T * in * R
 layer, and a one-hot over all slots multiplies every token by every adapter; both cost more
 than the base matmul on a CPU. Instead tokens are taken in slot order (the mapping's
 `sorted_token_ids`), cut into blocks of `block_t` sorted positions each owned by one slot
-(`pallas_kernels.segment_blocks`, slot 0 skipped), and a `fori_loop` whose trip count is the
-number of real blocks runs, per block, `x_blk @ A[s]` and `(h * scale[s]) @ B[s]` with the
-adapter's A and B sliced once for the whole block. Two ways to move rows, chosen statically by T
+(slot 0 skipped), and `fori_loop`s whose trip counts are the numbers of real blocks run, per
+block, `x_blk @ A[s]` and `(h * scale[s]) @ B[s]` with the adapter's A and B sliced once for the
+whole block, never per token. Two ways to move rows, chosen statically by T
 (measurements in BENCHMARKS.md):
 
-- `"sorted"` (small T, decode): x is permuted into slot order once, blocks are contiguous
-  slices, the deltas land in a slot-ordered buffer that is permuted back and added to y at the
-  end. Cheap per block, two extra passes over `[T, *]`.
-- `"scatter"` (large T, prefill): each block gathers its rows of x by token id and scatter-adds
-  its delta straight into y (a loop-carried buffer XLA updates in place): no permuted copies of
-  x or of the output.
+- `"sorted"` (T <= 1024: decode steps, small prefills): x is permuted into slot order once,
+  blocks are contiguous slices, the deltas land in a slot-ordered buffer that is permuted back
+  and added to y at the end. Cheap per block, two extra passes over `[T, *]`.
+- `"scatter"` (T > 1024, prefill): an outer loop over the non-empty adapter slots slices each
+  slot's A and B once; an inner loop over the slot's blocks gathers the block's rows of x by
+  token id and scatter-adds its delta straight into y (a loop-carried buffer XLA updates in
+  place): no permuted copies of x or of the output.
 
-Rows of slot 0 are never touched by either (slot 0 owns no blocks).
+Rows of slot 0 keep their values under both: slot 0 owns no blocks, so nothing is added to them.
 
 Imports jlora.weights, jlora.mapping and pallas_kernels.
 """
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,18 +84,20 @@ class OpsConfig:
             )
 
 
-# Measured on a 2-core CPU (BENCHMARKS.md): small blocks and the sorted buffer win for decode
-# batches, 32-token blocks and in-place scatter for prefill batches.
-_SCATTER_MIN_TOKENS = 256
+# Measured on a 2-core CPU (`python -m benchmarks.ops --breakdown`, BENCHMARKS.md): the sorted
+# buffer wins up to T = 1024 (at 1024 the two are within noise), scatter wins at 2048 (1.04-1.08x
+# against 1.13x). Blocks: the more tokens per slot, the larger the block that pays off.
+_SCATTER_MIN_TOKENS = 1025
 
 
 def _xla_plan(num_tokens: int, config: OpsConfig) -> tuple[str, int]:
+    """(strategy, block_t) of the XLA path for `num_tokens` rows."""
     strategy = config.xla_strategy
     if strategy is None:
         strategy = "scatter" if num_tokens >= _SCATTER_MIN_TOKENS else "sorted"
     block_t = config.xla_block_t
     if block_t is None:
-        block_t = 32 if strategy == "scatter" else 4
+        block_t = 32 if strategy == "scatter" else min(16, max(4, num_tokens // 32))
     return strategy, max(1, min(block_t, num_tokens))
 
 
@@ -182,16 +185,7 @@ def add_lora_embedding(
     if y.shape[0] == 0:
         return y
     h = bank.a[token_slots, token_ids].astype(jnp.float32)  # [T, R]
-    return _xla_blocks(
-        y,
-        h,
-        lambda rows, slot: (rows,),
-        ((bank.b, bank.scale),),
-        sorted_ids,
-        counts,
-        starts,
-        config,
-    )
+    return _xla_blocks(y, h, None, ((bank.b, bank.scale),), sorted_ids, counts, starts, config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,84 +279,107 @@ def _add_lora_pallas(y, x, banks, token_slots, sorted_ids, counts, starts, is_pr
 
 def _add_lora_xla(y, x, banks, sorted_ids, counts, starts, config):
     a = tuple(bank.a for bank in banks)
-
-    def shrink(rows, slot):  # rows [block_t, in] -> one float32 [block_t, R_i] per slice
-        return tuple(jnp.matmul(rows, ai[slot], preferred_element_type=jnp.float32) for ai in a)
-
     expand = tuple((bank.b, bank.scale) for bank in banks)
-    return _xla_blocks(y, x, shrink, expand, sorted_ids, counts, starts, config)
+    return _xla_blocks(y, x, a, expand, sorted_ids, counts, starts, config)
 
 
 def _xla_blocks(
     y: jax.Array,
     source: jax.Array,
-    shrink: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]],
+    a: tuple[jax.Array, ...] | None,
     expand: tuple[tuple[jax.Array, jax.Array], ...],
     sorted_ids: jax.Array,
     counts: jax.Array,
     starts: jax.Array,
     config: OpsConfig,
 ) -> jax.Array:
-    """Adds `concat_i((shrink(source rows, s)_i * scale_i[s]) @ b_i[s])` into y, block by block.
+    """Adds, block by block, `concat_i(scale_i[s] * (rows @ a_i[s]) @ b_i[s])` into y.
 
-    `source` is `[T, F]` in token order (x for a linear layer, the gathered `h` for an
-    embedding); `shrink` maps a block of its rows and the block's slot to one `[block_t, R_i]`
-    per slice; `expand` holds `(b_i, scale_i)` per slice, whose widths sum to y's columns.
+    `source` is `[T, F]` in token order: x for a linear layer (`a` holds one `[S, in, R_i]` per
+    slice), or the already gathered float32 `h` of an embedding (`a` is None, one slice).
+    `expand` holds `(b_i, scale_i)` per slice; the slices' widths sum to y's columns.
     """
     num_tokens = y.shape[0]
     strategy, block_t = _xla_plan(num_tokens, config)
-    # Slot 0 needs no work: with its count zeroed it owns no blocks and its rows stay as they are.
-    blocks = pk.segment_blocks(counts.at[0].set(0), starts, num_tokens=num_tokens, block_t=block_t)
-    num_real = jnp.sum(blocks.length > 0)
     sorted_ids = sorted_ids.astype(jnp.int32)
+    # Slot 0 needs no work: with its count zeroed it owns no blocks and its rows stay as they are.
+    counts = counts.astype(jnp.int32).at[0].set(0)
+    starts = starts.astype(jnp.int32)
 
-    def delta_of(rows, slot):  # [block_t, F] -> float32 [block_t, out]
-        hs = shrink(rows, slot)
+    def weights(slot):  # one slot's A_i, B_i and scale_i, sliced once for all its rows
+        a_s = None if a is None else tuple(ai[slot] for ai in a)
+        return a_s, tuple((bi[slot], si[slot]) for bi, si in expand)
+
+    def delta_of(rows, w):  # [block_t, F] -> float32 [block_t, out]
+        a_s, b_s = w
+        hs = (
+            (rows,)
+            if a_s is None
+            else tuple(jnp.matmul(rows, ai, preferred_element_type=jnp.float32) for ai in a_s)
+        )
         parts = [
-            jnp.matmul(
-                (h * scale[slot]).astype(b.dtype), b[slot], preferred_element_type=jnp.float32
-            )
-            for h, (b, scale) in zip(hs, expand, strict=True)
+            jnp.matmul((h * si).astype(bi.dtype), bi, preferred_element_type=jnp.float32)
+            for h, (bi, si) in zip(hs, b_s, strict=True)
         ]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
     if strategy == "sorted":
-        # Sorted copy of the source with block_t rows of slack, so the last block's slice stays
-        # in bounds. A block may run past its segment into the next slot's rows: those rows of
-        # `delta` are overwritten by the next slot's first block (blocks run in sorted order),
-        # and slot 0's rows, first in the order, are never written.
-        pad_ids = jnp.concatenate([sorted_ids, jnp.zeros(block_t, jnp.int32)])
-        source_sorted = source[pad_ids]  # [T + block_t, F]
+        return _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
+    return _xla_scatter(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
 
-        def body(i, delta):
-            rows = lax.dynamic_slice_in_dim(source_sorted, blocks.start[i], block_t)
-            return lax.dynamic_update_slice_in_dim(
-                delta, delta_of(rows, blocks.slot[i]), blocks.start[i], 0
-            )
 
-        delta = jnp.zeros((num_tokens + block_t, y.shape[1]), jnp.float32)
-        delta = lax.fori_loop(0, num_real, body, delta)
-        inverse = (
-            jnp.zeros(num_tokens, jnp.int32)
-            .at[sorted_ids]
-            .set(jnp.arange(num_tokens, dtype=jnp.int32))
-        )
-        return (y.astype(jnp.float32) + delta[inverse]).astype(y.dtype)
+def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t):
+    """One loop over the blocks; rows moved by one permutation of `source` before the loop and
+    one of the delta after it (cheap for the few rows of a decode step)."""
+    num_tokens = y.shape[0]
+    blocks = pk.segment_blocks(counts, starts, num_tokens=num_tokens, block_t=block_t)
+    # Sorted copy of the source with block_t rows of slack, so the last block's slice stays in
+    # bounds. A block may run past its segment into the next slot's rows: those rows of `delta`
+    # are overwritten by the next slot's first block (blocks run in sorted order), and slot 0's
+    # rows, first in the order, are never written.
+    pad_ids = jnp.concatenate([sorted_ids, jnp.zeros(block_t, jnp.int32)])
+    source_sorted = source[pad_ids]  # [T + block_t, F]
 
-    # "scatter": rows outside the block's segment get index num_tokens, out of bounds, so the
-    # gather fills them with zeros and the scatter drops them.
+    def body(i, delta):
+        rows = lax.dynamic_slice_in_dim(source_sorted, blocks.start[i], block_t)
+        update = delta_of(rows, weights(blocks.slot[i]))
+        return lax.dynamic_update_slice_in_dim(delta, update, blocks.start[i], 0)
+
+    delta = jnp.zeros((num_tokens + block_t, y.shape[1]), jnp.float32)
+    delta = lax.fori_loop(0, jnp.sum(blocks.length > 0), body, delta)
+    inverse = (
+        jnp.zeros(num_tokens, jnp.int32).at[sorted_ids].set(jnp.arange(num_tokens, dtype=jnp.int32))
+    )
+    return (y.astype(jnp.float32) + delta[inverse]).astype(y.dtype)
+
+
+def _xla_scatter(y, source, weights, delta_of, sorted_ids, counts, starts, block_t):
+    """An outer loop over the non-empty adapter slots (their weights sliced once) and an inner
+    loop over the slot's blocks, each gathering its rows of `source` by token id and
+    scatter-adding its delta straight into y, which XLA updates in place."""
+    num_tokens, num_slots = y.shape[0], counts.shape[0]
+    used = jnp.nonzero(counts > 0, size=num_slots, fill_value=0)[0].astype(jnp.int32)
+    # Rows past the segment get index num_tokens, out of bounds: the gather fills them with
+    # zeros and the scatter drops them.
     pad_ids = jnp.concatenate([sorted_ids, jnp.full(block_t, num_tokens, jnp.int32)])
     lane = jnp.arange(block_t, dtype=jnp.int32)
 
-    def body(i, out):
-        ids = lax.dynamic_slice_in_dim(pad_ids, blocks.start[i], block_t)
-        ids = jnp.where(lane < blocks.length[i], ids, num_tokens)
-        rows = source.at[ids].get(mode="fill", fill_value=0)
-        delta = delta_of(rows, blocks.slot[i])
-        if out.dtype == jnp.float32:
-            return out.at[ids].add(delta, mode="drop")
-        # Narrow dtypes: add in float32 and round once, as the reference does.
-        old = out.at[ids].get(mode="fill", fill_value=0).astype(jnp.float32)
-        return out.at[ids].set((old + delta).astype(out.dtype), mode="drop")
+    def per_slot(k, out):
+        slot = used[k]
+        w = weights(slot)
 
-    return lax.fori_loop(0, num_real, body, y)
+        def per_block(j, out):
+            first = j * block_t
+            ids = lax.dynamic_slice_in_dim(pad_ids, starts[slot] + first, block_t)
+            ids = jnp.where(lane < counts[slot] - first, ids, num_tokens)
+            rows = source.at[ids].get(mode="fill", fill_value=0)
+            delta = delta_of(rows, w)
+            if out.dtype == jnp.float32:
+                return out.at[ids].add(delta, mode="drop")
+            # Narrow dtypes: add in float32 and round once, as the reference does.
+            old = out.at[ids].get(mode="fill", fill_value=0).astype(jnp.float32)
+            return out.at[ids].set((old + delta).astype(out.dtype), mode="drop")
+
+        return lax.fori_loop(0, (counts[slot] + block_t - 1) // block_t, per_block, out)
+
+    return lax.fori_loop(0, jnp.sum(counts > 0), per_slot, y)

@@ -72,7 +72,8 @@ def segment_blocks(
     block_end = jnp.cumsum(blocks_per_slot)
     block_begin = block_end - blocks_per_slot
     b = jnp.arange(num_blocks, dtype=jnp.int32)
-    slot = jnp.searchsorted(block_end, b, side="right").astype(jnp.int32)
+    # compare_all: one fused comparison of [num_blocks, slots], no sequential binary search.
+    slot = jnp.searchsorted(block_end, b, side="right", method="compare_all").astype(jnp.int32)
     real = slot < num_slots
     slot = jnp.where(real, slot, 0)
     first = (b - block_begin[slot]) * block_t
@@ -86,4 +87,4 @@ def slots_of_sorted_positions(slot_counts: jax.Array, num_tokens: int) -> jax.Ar
     """int32 `[num_tokens]`: the slot of each sorted position (for references and tests)."""
     ends = jnp.cumsum(slot_counts.astype(jnp.int32))
     pos = jnp.arange(num_tokens, dtype=jnp.int32)
-    return jnp.searchsorted(ends, pos, side="right").astype(jnp.int32)
+    return jnp.searchsorted(ends, pos, side="right", method="compare_all").astype(jnp.int32)
