@@ -2,7 +2,8 @@
 
 Every block size is a power of two and at least 16: Triton's tensors must have power-of-two
 sizes and `tl.dot` needs M, N and K of at least 16. Ragged edges (odd hidden sizes, ranks below
-16) are handled with masked loads and stores, not with smaller blocks.
+16) are handled with masked loads and stores, not with smaller blocks. The defaults keep each
+register tile at or below 32 KB; they are not yet tuned on a GPU.
 
 Must not import jlora.
 """
@@ -68,9 +69,9 @@ class GatheredConfig:
       num_stages: Triton software-pipelining stages.
     """
 
-    block_k: int = 256
-    block_r: int = 64
-    block_n: int = 256
+    block_k: int = 128
+    block_r: int = 32
+    block_n: int = 128
     num_warps: int = 4
     num_stages: int = 2
 
