@@ -84,9 +84,9 @@ class OpsConfig:
             )
 
 
-# Measured on a 2-core CPU (`python -m benchmarks.ops --breakdown`, BENCHMARKS.md): the sorted
-# buffer wins up to T = 1024 (at 1024 the two are within noise), scatter wins at 2048 (1.04-1.08x
-# against 1.13x). Blocks: the more tokens per slot, the larger the block that pays off.
+# Measured on a 2-core CPU with 33 slots (`python -m benchmarks.ops --breakdown`, BENCHMARKS.md):
+# the sorted buffer wins up to T = 1024 (at 1024 the two are within noise), the per-slot scatter
+# wins at T = 2048 (1.08-1.10x against 1.21-1.26x). Sorted blocks grow with the tokens per slot.
 _SCATTER_MIN_TOKENS = 1025
 
 
