@@ -39,7 +39,7 @@ from jlora.manager import (
 )
 from jlora.mapping import LoRAMapping
 from jlora.merge import merge_adapter
-from jlora.ops import add_lora, add_lora_embedding
+from jlora.ops import OpsConfig, add_lora, add_lora_embedding
 from jlora.peft import PEFTConfig
 from jlora.request import LoRARequest
 from jlora.sampling import SamplingParams
@@ -67,6 +67,7 @@ __all__ = [
     "LoRAModel",
     "LoRARequest",
     "MappingError",
+    "OpsConfig",
     "PEFTConfig",
     "PackedLoRALayerWeights",
     "RequestOutput",
