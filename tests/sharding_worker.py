@@ -24,6 +24,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from compile_counter import CompileCounter  # noqa: E402
 from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors.numpy import load_file
@@ -45,7 +46,6 @@ MIXED = load_file(str(FIXTURES / "mixed_batch.safetensors"))
 META = json.loads((FIXTURES / "mixed_batch.json").read_text())
 ADAPTERS = META["adapters_loaded"]  # adapter id = index + 1
 MAX_LEN = 16
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -58,25 +58,6 @@ def mixed_batch():
     names = names + names[3:9]
     requests = [None if n == "__base__" else ADAPTERS.index(n) + 1 for n in names]
     return ids, requests
-
-
-class CompileCounter:
-    """Counts XLA compilations per jitted function name while active."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, event, duration, **kwargs):
-        if event == COMPILE_EVENT:
-            name = kwargs.get("fun_name", "?")
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
 
 
 def bank_report(state, mesh, init: dict | None = None) -> dict:

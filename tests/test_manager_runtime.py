@@ -8,13 +8,12 @@ import gc
 import jax
 import jax.numpy as jnp
 import numpy as np
+from compile_counter import CompileCounter
 from test_manager import MemoryDisk, check_invariants, make_adapter, toy_state
 
 from jlora import manager as M
 from jlora import ops, reference
 from jlora.errors import CapacityError
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @jax.jit
@@ -25,25 +24,6 @@ def forward(banks, x, token_ids, mapping):
     down = ops.add_lora(jnp.zeros((t, 7)), x[:, :5], banks["mlp.down"], mapping)
     emb = ops.add_lora_embedding(jnp.zeros((t, 6)), token_ids, banks["embed"][0], mapping)
     return qk, down, emb
-
-
-class CompileCounter:
-    """Counts XLA compilations per jitted function name while active."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, event, duration, **kwargs):
-        if event == COMPILE_EVENT:
-            name = kwargs.get("fun_name", "?")
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
 
 
 def test_fifty_steps_of_churn_compile_once_per_bucket():
