@@ -23,6 +23,7 @@ peft->slot <= 1.5x raw, and orbax restore faster than conversion.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -32,12 +33,13 @@ import tempfile
 import time
 
 import jax
+from flax import nnx
 from safetensors.numpy import load_file
 
 import jlora
 from jlora import manager, synthetic
 from jlora.checkpoint import restore_adapter, save_adapter
-from jlora.models.llama import LlamaConfig
+from jlora.models.llama import LlamaConfig, LlamaForCausalLM
 from jlora.targets import TargetModule
 
 HIDDEN, INTERMEDIATE, LAYERS, RANK = 4096, 11008, 32, 16
@@ -57,37 +59,12 @@ def write_peft_adapter(directory: str, dtype: str) -> str:
     )
 
 
-def llama7b_targets() -> list[TargetModule]:
-    targets = []
-    for layer in range(LAYERS):
-        p = f"model.layers.{layer}"
-        targets += [
-            TargetModule(
-                name=f"{p}.self_attn.qkv_proj",
-                in_dim=HIDDEN,
-                out_dims=(HIDDEN,) * 3,
-                peft_names=tuple(f"{p}.self_attn.{n}_proj" for n in "qkv"),
-            ),
-            TargetModule(
-                name=f"{p}.self_attn.o_proj",
-                in_dim=HIDDEN,
-                out_dims=(HIDDEN,),
-                peft_names=(f"{p}.self_attn.o_proj",),
-            ),
-            TargetModule(
-                name=f"{p}.mlp.gate_up_proj",
-                in_dim=HIDDEN,
-                out_dims=(INTERMEDIATE,) * 2,
-                peft_names=(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
-            ),
-            TargetModule(
-                name=f"{p}.mlp.down_proj",
-                in_dim=INTERMEDIATE,
-                out_dims=(HIDDEN,),
-                peft_names=(f"{p}.mlp.down_proj",),
-            ),
-        ]
-    return targets
+def llama7b_targets() -> tuple[TargetModule, ...]:
+    """The LoRA targets of a fused-qkv/gate_up Llama-7B, found by ``jlora.apply`` on an abstract
+    model (``nnx.eval_shape``: nothing is allocated)."""
+    config = dataclasses.replace(LLAMA_7B, fuse_qkv=True, fuse_gate_up=True)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    return jlora.find_targets(jlora.apply(model, target_modules=list(synthetic.LLAMA_PROJECTIONS)))
 
 
 def run(repeats: int, max_loras: int, dtype: str) -> dict:
