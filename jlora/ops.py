@@ -15,18 +15,23 @@ than the base matmul on a CPU. Instead tokens are taken in slot order (the mappi
 `sorted_token_ids`), cut into blocks of `block_t` sorted positions each owned by one slot
 (slot 0 skipped), and `fori_loop`s whose trip counts are the numbers of real blocks run, per
 block, `x_blk @ A[s]` and `(h * scale[s]) @ B[s]` with the adapter's A and B sliced once for the
-whole block, never per token. Two ways to move rows, chosen statically by T
+whole block, never per token. Three ways to move rows, chosen statically by T
 (measurements in BENCHMARKS.md):
 
-- `"sorted"` (T <= 1024: decode steps, small prefills): x is permuted into slot order once,
-  blocks are contiguous slices, the deltas land in a slot-ordered buffer that is permuted back
-  and added to y at the end. Cheap per block, two extra passes over `[T, *]`.
+- `"token"` (T <= 32: decode steps): one row at a time in slot order, slot-0 rows skipped, the
+  loop body unrolled 4 times. A decode step has about one token per adapter, so blocks would
+  mostly hold padding; what costs there is XLA:CPU's per-iteration overhead (microseconds per
+  trip), which the unrolling divides.
+- `"sorted"` (32 < T <= 1024: larger decode batches, small prefills): x is permuted into slot
+  order once, blocks are contiguous slices, the deltas land in a slot-ordered buffer that is
+  permuted back and added to y at the end. Cheap per block, two extra passes over `[T, *]`.
 - `"scatter"` (T > 1024, prefill): an outer loop over the non-empty adapter slots slices each
   slot's A and B once; an inner loop over the slot's blocks gathers the block's rows of x by
   token id and scatter-adds its delta straight into y (a loop-carried buffer XLA updates in
   place): no permuted copies of x or of the output.
 
-Rows of slot 0 keep their values under both: slot 0 owns no blocks, so nothing is added to them.
+Rows of slot 0 keep their values under all three: slot 0 owns no blocks and no token trips, so
+nothing is added to them.
 
 Imports jlora.weights, jlora.mapping and pallas_kernels.
 """
@@ -48,7 +53,7 @@ from jlora.weights import LoRABank
 __all__ = ["IMPLS", "OpsConfig", "add_lora", "add_lora_embedding"]
 
 IMPLS = ("auto", "pallas", "xla")
-XLA_STRATEGIES = ("sorted", "scatter")
+XLA_STRATEGIES = ("token", "sorted", "scatter")
 _PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 logger = logging.getLogger(__name__)
@@ -62,8 +67,9 @@ class OpsConfig:
     Attributes:
       segmented: block sizes and launch parameters of the prefill kernels.
       gathered: block sizes and launch parameters of the decode kernels.
-      xla_block_t: tokens per block on the XLA path; None picks by T (see `_xla_plan`).
-      xla_strategy: `"sorted"` or `"scatter"` on the XLA path; None picks by T.
+      xla_block_t: tokens per block on the XLA path (rows per loop iteration for `"token"`);
+        None picks by T (see `_xla_plan`).
+      xla_strategy: `"token"`, `"sorted"` or `"scatter"` on the XLA path; None picks by T.
       interpret: run the Pallas kernels in interpret mode (CPU debugging and tests).
     """
 
@@ -88,15 +94,29 @@ class OpsConfig:
 # the sorted buffer wins up to T = 1024 (at 1024 the two are within noise), the per-slot scatter
 # wins at T = 2048 (1.08-1.10x against 1.21-1.26x). Sorted blocks grow with the tokens per slot.
 _SCATTER_MIN_TOKENS = 1025
+# Decode-sized batches: one row per loop trip, 4 trips unrolled per iteration. On the decode step
+# of `jlora bench` (32 rows, 32 distinct adapters, 56 LoRA'd projections, 300 MB of adapter
+# weights) this took the LoRA time from 38 ms (sorted blocks of 4) to 18 ms; unrolling 8 or 16
+# was no better, a fully unrolled Python loop 5x worse. At T = 64 (`benchmarks.ops`, 33 slots,
+# weights in L3) sorted blocks stay ahead: 1.13-1.19x against 1.27x for "token".
+_TOKEN_MAX_TOKENS = 32
+_TOKEN_UNROLL = 4
 
 
 def _xla_plan(num_tokens: int, config: OpsConfig) -> tuple[str, int]:
     """(strategy, block_t) of the XLA path for `num_tokens` rows."""
     strategy = config.xla_strategy
     if strategy is None:
-        strategy = "scatter" if num_tokens >= _SCATTER_MIN_TOKENS else "sorted"
+        if num_tokens <= _TOKEN_MAX_TOKENS:
+            strategy = "token"
+        elif num_tokens >= _SCATTER_MIN_TOKENS:
+            strategy = "scatter"
+        else:
+            strategy = "sorted"
     block_t = config.xla_block_t
-    if block_t is None:
+    if strategy == "token":
+        block_t = _TOKEN_UNROLL if block_t is None else block_t  # rows per loop iteration
+    elif block_t is None:
         block_t = 32 if strategy == "scatter" else min(16, max(4, num_tokens // 32))
     return strategy, max(1, min(block_t, num_tokens))
 
@@ -154,7 +174,7 @@ def add_lora(
             )
         except NotImplementedError as e:
             _log_fallback_once(str(e))
-    return _add_lora_xla(y, x, banks, sorted_ids, counts, starts, config)
+    return _add_lora_xla(y, x, banks, token_slots, sorted_ids, counts, starts, config)
 
 
 def add_lora_embedding(
@@ -185,7 +205,9 @@ def add_lora_embedding(
     if y.shape[0] == 0:
         return y
     h = bank.a[token_slots, token_ids].astype(jnp.float32)  # [T, R]
-    return _xla_blocks(y, h, None, ((bank.b, bank.scale),), sorted_ids, counts, starts, config)
+    return _xla_blocks(
+        y, h, None, ((bank.b, bank.scale),), token_slots, sorted_ids, counts, starts, config
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,10 +299,10 @@ def _add_lora_pallas(y, x, banks, token_slots, sorted_ids, counts, starts, is_pr
 # --------------------------------------------------------------------------------------------
 
 
-def _add_lora_xla(y, x, banks, sorted_ids, counts, starts, config):
+def _add_lora_xla(y, x, banks, token_slots, sorted_ids, counts, starts, config):
     a = tuple(bank.a for bank in banks)
     expand = tuple((bank.b, bank.scale) for bank in banks)
-    return _xla_blocks(y, x, a, expand, sorted_ids, counts, starts, config)
+    return _xla_blocks(y, x, a, expand, token_slots, sorted_ids, counts, starts, config)
 
 
 def _xla_blocks(
@@ -288,6 +310,7 @@ def _xla_blocks(
     source: jax.Array,
     a: tuple[jax.Array, ...] | None,
     expand: tuple[tuple[jax.Array, jax.Array], ...],
+    token_slots: jax.Array,
     sorted_ids: jax.Array,
     counts: jax.Array,
     starts: jax.Array,
@@ -323,9 +346,36 @@ def _xla_blocks(
         ]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
+    if strategy == "token":
+        return _xla_per_token(
+            y, source, weights, delta_of, token_slots.astype(jnp.int32), sorted_ids, counts, block_t
+        )
     if strategy == "sorted":
         return _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
     return _xla_scatter(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
+
+
+def _xla_per_token(y, source, weights, delta_of, token_slots, sorted_ids, counts, unroll):
+    """A loop over the adapter rows (slot order, slot-0 rows skipped: `sorted_ids` from
+    position `T - sum(counts)` on, counts with slot 0 zeroed), `unroll` rows per iteration; each
+    row's A and B are sliced for that row alone and its delta added in place into y."""
+    num_tokens = y.shape[0]
+    first = num_tokens - jnp.sum(counts)
+    pad_ids = jnp.concatenate([sorted_ids, jnp.zeros(unroll, jnp.int32)])
+
+    def body(i, out):
+        for u in range(unroll):  # unrolled by hand: the trip count is dynamic
+            k = first + i * unroll + u
+            t = pad_ids[k]
+            slot = token_slots[t]
+            old = lax.dynamic_slice_in_dim(out, t, 1)
+            delta = delta_of(lax.dynamic_slice_in_dim(source, t, 1), weights(slot))
+            new = (old.astype(jnp.float32) + delta).astype(out.dtype)
+            # Past the last adapter row: padding, which must write nothing.
+            out = lax.dynamic_update_slice_in_dim(out, jnp.where(k < num_tokens, new, old), t, 0)
+        return out
+
+    return lax.fori_loop(0, (num_tokens - first + unroll - 1) // unroll, body, y)
 
 
 def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t):
