@@ -12,7 +12,7 @@ Compiled programs: one decode step per engine (shape ``[max_batch, 1]``) and one
 (prefill rows bucket, prompt length bucket) pair: rows pad to powers of two up to ``max_batch``,
 prompt lengths to ``jlora.mapping.token_bucket``. ``Engine.num_compiled()`` counts them.
 
-Layout: the KV cache is ``[layers, max_batch, max_seq_len, kv_heads, head_dim]``; a row's tokens
+Layout: the KV cache is ``[layers, max_batch, kv_heads, max_seq_len, head_dim]``; a row's tokens
 sit at their absolute positions. Rows without a request decode at position -1, which writes
 nothing (see ``jlora.models.llama``). Imports jlora modules only.
 """
@@ -397,8 +397,8 @@ def _prefill_step(
         logits, sub = model(ids, positions, kv_cache=sub, logits_index=last)
     tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, steps)
     cache = KVCache(
-        k=cache.k.at[:, row_ids, :length].set(sub.k, mode="drop"),
-        v=cache.v.at[:, row_ids, :length].set(sub.v, mode="drop"),
+        k=cache.k.at[:, row_ids, :, :length].set(sub.k, mode="drop"),
+        v=cache.v.at[:, row_ids, :, :length].set(sub.v, mode="drop"),
     )
     return tokens, logprobs, cache
 

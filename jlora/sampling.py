@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jlora.errors import LoRAConfigError
 
@@ -72,24 +73,47 @@ def sample(
       distribution (log_softmax of the logits), as vLLM reports them.
     """
     logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1)
+    sampling = temperature > 0
+    # Branches run only when a row needs them: an all-greedy batch (the common serving case)
+    # skips the vocabulary sort, which costs more than the whole decode forward on a CPU.
+    sampled = lax.cond(
+        jnp.any(sampling),
+        lambda: _draw(logits, temperature, top_k, top_p, seeds, steps),
+        lambda: greedy,
+    )
+    tokens = jnp.where(sampling, sampled, greedy).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
 
+
+def _draw(logits, temperature, top_k, top_p, seeds, steps) -> jax.Array:
+    """One categorical draw per row from ``logits / temperature`` restricted to the row's top-k /
+    top-p set. The draw is over the vocabulary order whatever the batch, so a row's token depends
+    on its own seed, step and parameters only."""
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    truncating = (temperature > 0) & ((top_k > 0) | (top_p < 1))
+    allowed = lax.cond(
+        jnp.any(truncating),
+        lambda: _top_k_top_p(scaled, top_k, top_p),
+        lambda: jnp.ones(scaled.shape, bool),
+    )
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+    return jax.vmap(jax.random.categorical)(keys, jnp.where(allowed, scaled, -jnp.inf))
+
+
+def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """bool ``[B, V]``: the tokens each row's top-k and top-p keep (all of them when both are
+    off)."""
+    batch, vocab = scaled.shape
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(vocab)[None, :]
     k = jnp.where(top_k > 0, top_k, vocab)[:, None]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep a token while the mass before it is below top_p: the top token always survives.
+    # top_p = 1 keeps everything, also where rounding lets the running mass reach 1.
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (rank < k) & (mass_before < top_p[:, None])
-    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
-
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
-    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-
-    tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    keep = (rank < k) & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
+    rows = jnp.arange(batch)[:, None]
+    return jnp.zeros((batch, vocab), bool).at[rows, order].set(keep)

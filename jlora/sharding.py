@@ -379,10 +379,10 @@ def shard_batch(mesh: Mesh, mapping: LoRAMapping, *arrays) -> tuple:
 
 
 def kv_cache_shardings(config: LlamaConfig, mesh: Mesh) -> KVCache:
-    """``k, v [layers, batch, max_len, kv_heads, head_dim]``: batch split on ``data``, KV heads on
+    """``k, v [layers, batch, kv_heads, max_len, head_dim]``: batch split on ``data``, KV heads on
     ``model`` when they divide (else replicated over ``model``)."""
     heads = MODEL if config.num_key_value_heads % mesh.shape[MODEL] == 0 else None
-    s = NamedSharding(mesh, P(None, DATA, None, heads, None))
+    s = NamedSharding(mesh, P(None, DATA, heads, None, None))
     return KVCache(k=s, v=s)
 
 

@@ -59,6 +59,31 @@ def test_seed_stream_independent_of_batch_mates(rng):
     assert len(set(np.asarray(other_step).tolist())) > 1  # steps advance the stream
 
 
+def test_untruncated_row_ignores_batch_mates_that_truncate(rng):
+    # A batch mate with top-k or top-p sends the batch through the sorting branch; a row that
+    # only uses temperature must draw the same token as without that mate.
+    logits = rng.standard_normal((3, 200)).astype(np.float32)
+    alone, _ = run(logits[2:3], temperature=1.3, seeds=[5], steps=[4])
+    for top_k, top_p in (([4, 0, 0], [1.0, 1.0, 1.0]), ([0, 0, 0], [1.0, 0.3, 1.0])):
+        mixed, _ = run(
+            logits,
+            temperature=[1.0, 0.7, 1.3],
+            top_k=top_k,
+            top_p=top_p,
+            seeds=[1, 2, 5],
+            steps=[0, 9, 4],
+        )
+        assert int(mixed[2]) == int(alone[0])
+
+
+def test_top_k_and_top_p_together_keep_their_intersection():
+    probs = np.array([[0.4, 0.25, 0.2, 0.1, 0.05]] * 300, np.float32)
+    tokens, _ = run(np.log(probs), temperature=1.0, top_k=3, top_p=0.5, seeds=np.arange(300))
+    assert set(np.asarray(tokens).tolist()) == {0, 1}  # top-p keeps {0, 1}, top-k {0, 1, 2}
+    tokens, _ = run(np.log(probs), temperature=1.0, top_k=2, top_p=0.9, seeds=np.arange(300))
+    assert set(np.asarray(tokens).tolist()) == {0, 1}  # top-k keeps {0, 1}, top-p {0, .., 3}
+
+
 @pytest.mark.parametrize(
     "kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0)]
 )

@@ -175,7 +175,7 @@ def test_banks_carry_the_specified_shardings_through_manager_writes(report, name
 def test_logits_and_kv_cache_stay_sharded(report, name):
     c = case(report, name)
     kv_heads = "'model'" if 2 % c["mesh"][1] == 0 else "None"  # 2 KV heads
-    cache_spec = f"P(None, 'data', None, {kv_heads}, None)"
+    cache_spec = f"P(None, 'data', {kv_heads}, None, None)"
     assert c["logits_spec"] == str(P("data", None, None))
     assert c["cache_spec_init"] == c["cache_spec"] == cache_spec
     if "decode_cache_spec" in c:
@@ -351,7 +351,7 @@ def test_batch_and_cache_shardings():
     config = LlamaConfig.from_hf(json.loads((FIXTURES / "tiny_llama" / "config.json").read_text()))
     assert sh.kv_cache_shardings(config, mesh).k.spec == P(None, "data", None, None, None)
     assert sh.kv_cache_shardings(config, abstract_mesh(4, 2)).v.spec == P(
-        None, "data", None, "model", None
+        None, "data", "model", None, None
     )
     assert sh.batch_sharding(mesh, 2).spec == P("data", None)
 

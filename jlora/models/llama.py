@@ -162,13 +162,16 @@ class LlamaConfig:
 
 @struct.dataclass
 class KVCache:
-    """Preallocated keys and values: ``k``, ``v`` ``[layers, batch, max_len, kv_heads, head_dim]``.
+    """Preallocated keys and values: ``k``, ``v`` ``[layers, batch, kv_heads, max_len, head_dim]``.
+
+    Heads before positions: attention contracts each (row, KV head) pair's ``[max_len,
+    head_dim]`` block as it lies, so no per-step transpose of the cache is needed.
 
     >>> c = KVCache.zeros(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
     ...                               num_hidden_layers=2, num_attention_heads=2),
     ...                   batch_size=3, max_len=16)
     >>> c.k.shape
-    (2, 3, 16, 2, 4)
+    (2, 3, 2, 16, 4)
     """
 
     k: jax.Array
@@ -179,8 +182,8 @@ class KVCache:
         shape = (
             config.num_hidden_layers,
             batch_size,
-            max_len,
             config.num_key_value_heads,
+            max_len,
             config.head_dim,
         )
         dtype = jnp.dtype(dtype or config.dtype)
@@ -188,7 +191,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return int(self.k.shape[2])
+        return int(self.k.shape[3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,19 +252,19 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """``q [B, L, H, D]``, ``k, v [B, S, K, D]``, ``mask bool [B, L, S]`` -> ``[B, L, H * D]``.
+    """``q [B, L, H, D]``, ``k, v [B, K, S, D]``, ``mask bool [B, L, S]`` -> ``[B, L, H * D]``.
 
     Query head ``h`` uses KV head ``h // (H // K)``, as HF's ``repeat_kv``.
     """
     b, seq, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     q = q.reshape(b, seq, kv, h // kv, d)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)
     # A large finite fill (not -inf) keeps fully masked padding rows finite.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    out = jnp.einsum("bkgls,bksd->blkgd", probs, v)
     return out.reshape(b, seq, h * d)
 
 
@@ -287,11 +290,14 @@ class LlamaAttention(nnx.Module):
         q = _apply_rope(q.reshape(b, seq, c.num_attention_heads, c.head_dim), cos, sin)
         k = _apply_rope(k.reshape(b, seq, c.num_key_value_heads, c.head_dim), cos, sin)
         v = v.reshape(b, seq, c.num_key_value_heads, c.head_dim)
-        if cache is not None:
+        if cache is None:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, D]
+        else:
+            # Mixed advanced indices put the [B, L] index dims first: the update is [B, L, K, D].
             rows = jnp.arange(b)[:, None]
             cache = KVCache(
-                k=cache.k.at[layer, rows, write_pos].set(k.astype(cache.k.dtype), mode="drop"),
-                v=cache.v.at[layer, rows, write_pos].set(v.astype(cache.v.dtype), mode="drop"),
+                k=cache.k.at[layer, rows, :, write_pos].set(k.astype(cache.k.dtype), mode="drop"),
+                v=cache.v.at[layer, rows, :, write_pos].set(v.astype(cache.v.dtype), mode="drop"),
             )
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
         return self.o_proj(_attention(q, k, v, mask)), cache
