@@ -15,13 +15,15 @@ than the base matmul on a CPU. Instead tokens are taken in slot order (the mappi
 `sorted_token_ids`), cut into blocks of `block_t` sorted positions each owned by one slot
 (slot 0 skipped), and `fori_loop`s whose trip counts are the numbers of real blocks run, per
 block, `x_blk @ A[s]` and `(h * scale[s]) @ B[s]` with the adapter's A and B sliced once for the
-whole block, never per token. Three ways to move rows, chosen statically by T
-(measurements in BENCHMARKS.md):
+whole block, never per token. Three ways to move rows, chosen by T (and decode-sized steps also
+by their adapter mix, at run time; measurements in BENCHMARKS.md):
 
 - `"token"` (T <= 32: decode steps): one row at a time in slot order, slot-0 rows skipped, the
-  loop body unrolled 4 times. A decode step has about one token per adapter, so blocks would
-  mostly hold padding; what costs there is XLA:CPU's per-iteration overhead (microseconds per
-  trip), which the unrolling divides.
+  loop body unrolled 4 times. With many adapters a decode step has about one token per adapter,
+  so blocks would mostly hold padding; what costs there is XLA:CPU's per-iteration overhead
+  (microseconds per trip), which the unrolling divides. Unless the strategy is forced, a step
+  whose adapter rows are few per adapter (>= 4 per used slot) takes `"sorted"` blocks of 8
+  instead, picked at run time.
 - `"sorted"` (32 < T <= 1024: larger decode batches, small prefills): x is permuted into slot
   order once, blocks are contiguous slices, the deltas land in a slot-ordered buffer that is
   permuted back and added to y at the end. Cheap per block, two extra passes over `[T, *]`.
@@ -101,6 +103,13 @@ _SCATTER_MIN_TOKENS = 1025
 # weights in L3) sorted blocks stay ahead: 1.13-1.19x against 1.27x for "token".
 _TOKEN_MAX_TOKENS = 32
 _TOKEN_UNROLL = 4
+# ... but only when the adapters are many. When they are few (on average this many adapter rows
+# or more per used slot) the same step runs sorted blocks of `_FEW_BLOCK_T`, chosen at run time
+# (`lax.cond`: no recompile as the batch mix changes). 56 projections of that decode step, T=32:
+# one adapter 12.4 ms per token vs 4.9 ms in blocks of 8; four adapters 15.9 vs 7.0; eight 16.5
+# vs 12.2 (blocks of 4) / 14.0 (blocks of 8); 32 distinct 22.9 vs 40.6 (blocks of 4).
+_FEW_ROWS_PER_SLOT = 4
+_FEW_BLOCK_T = 8
 
 
 def _xla_plan(num_tokens: int, config: OpsConfig) -> tuple[str, int]:
@@ -347,8 +356,18 @@ def _xla_blocks(
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
     if strategy == "token":
-        return _xla_per_token(
+        per_token = lambda: _xla_per_token(  # noqa: E731
             y, source, weights, delta_of, token_slots.astype(jnp.int32), sorted_ids, counts, block_t
+        )
+        if config.xla_strategy is not None:
+            return per_token()
+        rows, used = jnp.sum(counts), jnp.sum(counts > 0)
+        few_adapters = (rows > 0) & (rows >= _FEW_ROWS_PER_SLOT * used)
+        block = min(_FEW_BLOCK_T, num_tokens)
+        return lax.cond(
+            few_adapters,
+            lambda: _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block),
+            per_token,
         )
     if strategy == "sorted":
         return _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
