@@ -12,8 +12,8 @@ Compiled programs: one decode step per engine (shape ``[max_batch, 1]``) and one
 (prefill rows bucket, prompt length bucket) pair: rows pad to powers of two up to ``max_batch``,
 prompt lengths to ``jlora.mapping.token_bucket``. ``Engine.num_compiled()`` counts them.
 
-Layout: the KV cache is ``[layers, max_batch, kv_heads, max_seq_len, head_dim]``; a row's tokens
-sit at their absolute positions. Rows without a request decode at position -1, which writes
+Layout: the KV cache holds ``[max_batch, kv_heads, max_seq_len, head_dim]`` per layer; a row's
+tokens sit at their absolute positions. Rows without a request decode at position -1, which writes
 nothing (see ``jlora.models.llama``). Imports jlora modules only.
 """
 
@@ -392,13 +392,17 @@ def _prefill_step(
     scatters their K/V into rows ``row_ids`` of the shared cache (out-of-range rows: dropped)."""
     model = nnx.merge(graphdef, params)
     n, length = ids.shape
-    sub = KVCache.zeros(model.config, batch_size=n, max_len=length, dtype=cache.k.dtype)
+    sub = KVCache.zeros(model.config, batch_size=n, max_len=length, dtype=cache.k[0].dtype)
     with lora_context(banks, mapping):
         logits, sub = model(ids, positions, kv_cache=sub, logits_index=last)
     tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, steps)
+
+    def scatter(rows, new):  # one layer's [rows, K, S, D] <- the prompts' [n, K, length, D]
+        return rows.at[row_ids, :, :length].set(new, mode="drop")
+
     cache = KVCache(
-        k=cache.k.at[:, row_ids, :, :length].set(sub.k, mode="drop"),
-        v=cache.v.at[:, row_ids, :, :length].set(sub.v, mode="drop"),
+        k=tuple(map(scatter, cache.k, sub.k)),
+        v=tuple(map(scatter, cache.v, sub.v)),
     )
     return tokens, logprobs, cache
 

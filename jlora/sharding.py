@@ -379,10 +379,10 @@ def shard_batch(mesh: Mesh, mapping: LoRAMapping, *arrays) -> tuple:
 
 
 def kv_cache_shardings(config: LlamaConfig, mesh: Mesh) -> KVCache:
-    """``k, v [layers, batch, kv_heads, max_len, head_dim]``: batch split on ``data``, KV heads on
-    ``model`` when they divide (else replicated over ``model``)."""
+    """Each layer's ``k, v [batch, kv_heads, max_len, head_dim]``: batch split on ``data``, KV
+    heads on ``model`` when they divide (else replicated over ``model``)."""
     heads = MODEL if config.num_key_value_heads % mesh.shape[MODEL] == 0 else None
-    s = NamedSharding(mesh, P(None, DATA, heads, None, None))
+    s = (NamedSharding(mesh, P(DATA, heads, None, None)),) * config.num_hidden_layers
     return KVCache(k=s, v=s)
 
 
@@ -392,7 +392,7 @@ def kv_cache_zeros(
     """``KVCache.zeros`` created on the mesh per ``kv_cache_shardings``: each device allocates
     its shard only."""
     shardings = kv_cache_shardings(config, mesh)
-    _check_divisible("KV cache", (None, batch_size), shardings.k.spec, mesh)
+    _check_divisible("KV cache", (batch_size,), shardings.k[0].spec, mesh)
     zeros = functools.partial(
         KVCache.zeros, config, batch_size=batch_size, max_len=max_len, dtype=dtype
     )

@@ -49,6 +49,12 @@ MAX_LEN = 16
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
+def cache_spec(cache) -> str:
+    """The one spec every layer's K and V share (a mix is reported as such)."""
+    specs = {str(x.sharding.spec) for x in cache.k + cache.v}
+    return specs.pop() if len(specs) == 1 else f"mixed {sorted(specs)}"
+
+
 def mixed_batch():
     """PEFT's mixed batch (10 rows: seven adapters, two base rows), padded to 16 rows with more
     adapter rows so every data-axis size (1, 2, 8) divides it."""
@@ -153,7 +159,7 @@ def run_case(base, adapters, mesh, *, fully: bool, decode: bool) -> dict:
         out_shardings = (sh.batch_sharding(mesh, 3), sh.kv_cache_shardings(base.config, mesh))
         forward = jax.jit(step, out_shardings=out_shardings)
         cache = sh.kv_cache_zeros(base.config, mesh, batch_size=rows, max_len=MAX_LEN)
-        report["cache_spec_init"] = str(cache.k.sharding.spec)
+        report["cache_spec_init"] = cache_spec(cache)
 
         def place(mapping, *arrays):
             return sh.shard_batch(mesh, mapping, *arrays)
@@ -176,7 +182,7 @@ def run_case(base, adapters, mesh, *, fully: bool, decode: bool) -> dict:
         logits, cache = compiled(*args)
         report["prefill_logits"] = to_host(logits)
         report["logits_spec"] = str(logits.sharding.spec) if mesh is not None else None
-        report["cache_spec"] = str(cache.k.sharding.spec) if mesh is not None else None
+        report["cache_spec"] = cache_spec(cache) if mesh is not None else None
 
         # Churn between steps: free a slot, fill it, evict the least recently used adapter into
         # another, with donation (the default) and without.
@@ -203,7 +209,7 @@ def run_case(base, adapters, mesh, *, fully: bool, decode: bool) -> dict:
         )
         logits, cache = forward(params, state.banks, decode_mapping, tok_in, pos_in, cache)
         report["decode_logits"] = to_host(logits)
-        report["decode_cache_spec"] = str(cache.k.sharding.spec) if mesh is not None else None
+        report["decode_cache_spec"] = cache_spec(cache) if mesh is not None else None
     report["slots"] = list(state.slots)  # the host bookkeeping's final slot table
     return report
 

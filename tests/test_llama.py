@@ -223,12 +223,13 @@ def test_kv_cache_shapes_and_padding_writes_nothing():
     )
     model = LlamaForCausalLM(c, rngs=nnx.Rngs(0))
     cache = KVCache.zeros(c, batch_size=2, max_len=6)
-    assert cache.k.shape == (2, 2, 1, 6, 4) and cache.max_len == 6
+    assert len(cache.k) == len(cache.v) == 2 and cache.max_len == 6
+    assert cache.k[0].shape == cache.v[1].shape == (2, 1, 6, 4)
     ids = jnp.asarray([[3, 4, 5], [6, 0, 0]], jnp.int32)
     positions = jnp.asarray([[0, 1, 2], [0, -1, -1]], jnp.int32)
     logits, new = forward_fn(model)(ids, positions=positions, cache=cache)
     assert logits.shape == (2, 3, 16) and np.isfinite(np.asarray(logits)).all()
-    written = np.abs(np.asarray(new.k)).sum(axis=(0, 2, 4)) > 0  # [batch, max_len]
+    written = np.abs(np.stack(new.k)).sum(axis=(0, 2, 4)) > 0  # [batch, max_len]
     np.testing.assert_array_equal(written, [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
 
 

@@ -175,7 +175,7 @@ def test_banks_carry_the_specified_shardings_through_manager_writes(report, name
 def test_logits_and_kv_cache_stay_sharded(report, name):
     c = case(report, name)
     kv_heads = "'model'" if 2 % c["mesh"][1] == 0 else "None"  # 2 KV heads
-    cache_spec = f"P(None, 'data', {kv_heads}, None, None)"
+    cache_spec = f"P('data', {kv_heads}, None, None)"
     assert c["logits_spec"] == str(P("data", None, None))
     assert c["cache_spec_init"] == c["cache_spec"] == cache_spec
     if "decode_cache_spec" in c:
@@ -349,10 +349,11 @@ def test_batch_and_cache_shardings():
     assert specs.seq_slots.spec == P()  # 3 rows do not split over 2
     assert specs.sorted_token_ids.spec == specs.slot_counts.spec == P()
     config = LlamaConfig.from_hf(json.loads((FIXTURES / "tiny_llama" / "config.json").read_text()))
-    assert sh.kv_cache_shardings(config, mesh).k.spec == P(None, "data", None, None, None)
-    assert sh.kv_cache_shardings(config, abstract_mesh(4, 2)).v.spec == P(
-        None, "data", "model", None, None
-    )
+    cache = sh.kv_cache_shardings(config, mesh)
+    assert len(cache.k) == len(cache.v) == config.num_hidden_layers
+    assert {s.spec for s in cache.k + cache.v} == {P("data", None, None, None)}
+    cache = sh.kv_cache_shardings(config, abstract_mesh(4, 2))
+    assert {s.spec for s in cache.k + cache.v} == {P("data", "model", None, None)}
     assert sh.batch_sharding(mesh, 2).spec == P("data", None)
 
 

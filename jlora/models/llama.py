@@ -162,36 +162,44 @@ class LlamaConfig:
 
 @struct.dataclass
 class KVCache:
-    """Preallocated keys and values: ``k``, ``v`` ``[layers, batch, kv_heads, max_len, head_dim]``.
+    """Preallocated keys and values, one array per layer: ``k[i]``, ``v[i]``
+    ``[batch, kv_heads, max_len, head_dim]``.
 
-    Heads before positions: attention contracts each (row, KV head) pair's ``[max_len,
-    head_dim]`` block as it lies, so no per-step transpose of the cache is needed.
+    One array per layer, so a layer's attention reads its cache in place (a slice of one
+    stacked array is copied out per layer and step); heads before positions, so attention
+    contracts each (row, KV head) pair's ``[max_len, head_dim]`` block as it lies, with no
+    transposed copy.
 
     >>> c = KVCache.zeros(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
     ...                               num_hidden_layers=2, num_attention_heads=2),
     ...                   batch_size=3, max_len=16)
-    >>> c.k.shape
-    (2, 3, 2, 16, 4)
+    >>> len(c.k), c.k[0].shape
+    (2, (3, 2, 16, 4))
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, config: LlamaConfig, *, batch_size: int, max_len: int, dtype=None) -> KVCache:
-        shape = (
-            config.num_hidden_layers,
-            batch_size,
-            config.num_key_value_heads,
-            max_len,
-            config.head_dim,
-        )
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         dtype = jnp.dtype(dtype or config.dtype)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        layers = range(config.num_hidden_layers)
+        return cls(
+            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        )
 
     @property
     def max_len(self) -> int:
-        return int(self.k.shape[3])
+        return int(self.k[0].shape[2])
+
+    def with_layer(self, layer: int, k: jax.Array, v: jax.Array) -> KVCache:
+        """A copy with layer ``layer``'s arrays replaced."""
+        return KVCache(
+            k=self.k[:layer] + (k,) + self.k[layer + 1 :],
+            v=self.v[:layer] + (v,) + self.v[layer + 1 :],
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,11 +303,11 @@ class LlamaAttention(nnx.Module):
         else:
             # Mixed advanced indices put the [B, L] index dims first: the update is [B, L, K, D].
             rows = jnp.arange(b)[:, None]
-            cache = KVCache(
-                k=cache.k.at[layer, rows, :, write_pos].set(k.astype(cache.k.dtype), mode="drop"),
-                v=cache.v.at[layer, rows, :, write_pos].set(v.astype(cache.v.dtype), mode="drop"),
-            )
-            k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
+            ck, cv = cache.k[layer], cache.v[layer]
+            ck = ck.at[rows, :, write_pos].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[rows, :, write_pos].set(v.astype(cv.dtype), mode="drop")
+            cache = cache.with_layer(layer, ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         return self.o_proj(_attention(q, k, v, mask)), cache
 
 
