@@ -41,6 +41,7 @@ Imports jlora.weights, jlora.mapping and pallas_kernels.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Sequence
 
@@ -342,18 +343,19 @@ def _xla_blocks(
         a_s = None if a is None else tuple(ai[slot] for ai in a)
         return a_s, tuple((bi[slot], si[slot]) for bi, si in expand)
 
-    def delta_of(rows, w):  # [block_t, F] -> float32 [block_t, out]
-        a_s, b_s = w
-        hs = (
-            (rows,)
-            if a_s is None
-            else tuple(jnp.matmul(rows, ai, preferred_element_type=jnp.float32) for ai in a_s)
-        )
+    def shrink_of(rows, a_s):  # [block_t, in] -> float32 h_i [block_t, R_i] per slice
+        return tuple(jnp.matmul(rows, ai, preferred_element_type=jnp.float32) for ai in a_s)
+
+    def expand_of(hs, b_s):  # h_i per slice -> float32 [block_t, out]
         parts = [
             jnp.matmul((h * si).astype(bi.dtype), bi, preferred_element_type=jnp.float32)
             for h, (bi, si) in zip(hs, b_s, strict=True)
         ]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+    def delta_of(rows, w):  # [block_t, F] -> float32 [block_t, out]
+        a_s, b_s = w
+        return expand_of((rows,) if a_s is None else shrink_of(rows, a_s), b_s)
 
     if strategy == "token":
         per_token = lambda: _xla_per_token(  # noqa: E731
@@ -371,7 +373,9 @@ def _xla_blocks(
         )
     if strategy == "sorted":
         return _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
-    return _xla_scatter(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
+    return _xla_scatter(
+        y, source, a, expand, shrink_of, expand_of, sorted_ids, counts, starts, block_t
+    )
 
 
 def _xla_per_token(y, source, weights, delta_of, token_slots, sorted_ids, counts, unroll):
@@ -422,33 +426,56 @@ def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_
     return (y.astype(jnp.float32) + delta[inverse]).astype(y.dtype)
 
 
-def _xla_scatter(y, source, weights, delta_of, sorted_ids, counts, starts, block_t):
-    """An outer loop over the non-empty adapter slots (their weights sliced once) and an inner
-    loop over the slot's blocks, each gathering its rows of `source` by token id and
-    scatter-adding its delta straight into y, which XLA updates in place."""
+def _xla_scatter(y, source, a, expand, shrink_of, expand_of, sorted_ids, counts, starts, block_t):
+    """Two passes over the non-empty adapter slots, each slicing a slot's weights once and
+    walking its blocks of rows by token id: the shrink pass gathers a block's rows of `source`
+    and stores `rows @ A_i` into a small float32 `h [T, sum R_i]`; the expand pass gathers the
+    block's rows of h and scatter-adds their delta straight into y, which XLA updates in place.
+    No permuted copies of x or of the output. (Shrink and expand in one pass per block measured
+    ~4% of the base matmul slower at T=2048.) `a` None: `source` already is h (an embedding)."""
     num_tokens, num_slots = y.shape[0], counts.shape[0]
     used = jnp.nonzero(counts > 0, size=num_slots, fill_value=0)[0].astype(jnp.int32)
-    # Rows past the segment get index num_tokens, out of bounds: the gather fills them with
-    # zeros and the scatter drops them.
+    num_used = jnp.sum(counts > 0)
+    # Rows past the segment get index num_tokens, out of bounds: the gathers fill them with
+    # zeros and the scatters drop them.
     pad_ids = jnp.concatenate([sorted_ids, jnp.full(block_t, num_tokens, jnp.int32)])
     lane = jnp.arange(block_t, dtype=jnp.int32)
 
-    def per_slot(k, out):
-        slot = used[k]
-        w = weights(slot)
+    def over_blocks(body, carry):  # body(slot, ids, carry) for every block of every used slot
+        def per_slot(k, carry):
+            slot = used[k]
 
-        def per_block(j, out):
-            first = j * block_t
-            ids = lax.dynamic_slice_in_dim(pad_ids, starts[slot] + first, block_t)
-            ids = jnp.where(lane < counts[slot] - first, ids, num_tokens)
+            def per_block(j, carry):
+                first = j * block_t
+                ids = lax.dynamic_slice_in_dim(pad_ids, starts[slot] + first, block_t)
+                ids = jnp.where(lane < counts[slot] - first, ids, num_tokens)
+                return body(slot, ids, carry)
+
+            trips = (counts[slot] + block_t - 1) // block_t
+            return lax.fori_loop(0, trips, per_block, carry)
+
+        return lax.fori_loop(0, num_used, per_slot, carry)
+
+    if a is None:
+        h, widths = source, (source.shape[1],)
+    else:
+        widths = tuple(ai.shape[2] for ai in a)
+
+        def shrink(slot, ids, h):
             rows = source.at[ids].get(mode="fill", fill_value=0)
-            delta = delta_of(rows, w)
-            if out.dtype == jnp.float32:
-                return out.at[ids].add(delta, mode="drop")
-            # Narrow dtypes: add in float32 and round once, as the reference does.
-            old = out.at[ids].get(mode="fill", fill_value=0).astype(jnp.float32)
-            return out.at[ids].set((old + delta).astype(out.dtype), mode="drop")
+            hs = shrink_of(rows, tuple(ai[slot] for ai in a))
+            return h.at[ids].set(jnp.concatenate(hs, axis=1), mode="drop")
 
-        return lax.fori_loop(0, (counts[slot] + block_t - 1) // block_t, per_block, out)
+        h = over_blocks(shrink, jnp.zeros((num_tokens, sum(widths)), jnp.float32))
+    cuts = list(itertools.accumulate(widths))[:-1]
 
-    return lax.fori_loop(0, jnp.sum(counts > 0), per_slot, y)
+    def add_delta(slot, ids, out):
+        hs = jnp.split(h.at[ids].get(mode="fill", fill_value=0), cuts, axis=1)
+        delta = expand_of(hs, tuple((bi[slot], si[slot]) for bi, si in expand))
+        if out.dtype == jnp.float32:
+            return out.at[ids].add(delta, mode="drop")
+        # Narrow dtypes: add in float32 and round once, as the reference does.
+        old = out.at[ids].get(mode="fill", fill_value=0).astype(jnp.float32)
+        return out.at[ids].set((old + delta).astype(out.dtype), mode="drop")
+
+    return over_blocks(add_delta, y)
