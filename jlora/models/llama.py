@@ -165,8 +165,8 @@ class KVCache:
     """Preallocated keys and values, one array per layer: ``k[i]``, ``v[i]``
     ``[batch, kv_heads, max_len, head_dim]``.
 
-    One array per layer, so a layer's attention reads its cache in place (a slice of one
-    stacked array is copied out per layer and step); heads before positions, so attention
+    One array per layer, so a layer's attention reads its cache in place (XLA copies a slice of
+    one stacked array out per layer and step); heads before positions, so attention
     contracts each (row, KV head) pair's ``[max_len, head_dim]`` block as it lies, with no
     transposed copy.
 
