@@ -358,9 +358,11 @@ def _xla_blocks(
         return expand_of((rows,) if a_s is None else shrink_of(rows, a_s), b_s)
 
     if strategy == "token":
-        per_token = lambda: _xla_per_token(  # noqa: E731
-            y, source, weights, delta_of, token_slots.astype(jnp.int32), sorted_ids, counts, block_t
-        )
+
+        def per_token():
+            slots = token_slots.astype(jnp.int32)
+            return _xla_per_token(y, source, weights, delta_of, slots, sorted_ids, counts, block_t)
+
         if config.xla_strategy is not None:
             return per_token()
         rows, used = jnp.sum(counts), jnp.sum(counts > 0)
@@ -373,8 +375,9 @@ def _xla_blocks(
         )
     if strategy == "sorted":
         return _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
+    widths = None if a is None else tuple(ai.shape[2] for ai in a)
     return _xla_scatter(
-        y, source, a, expand, shrink_of, expand_of, sorted_ids, counts, starts, block_t
+        y, source, widths, weights, shrink_of, expand_of, sorted_ids, counts, starts, block_t
     )
 
 
@@ -426,13 +429,16 @@ def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_
     return (y.astype(jnp.float32) + delta[inverse]).astype(y.dtype)
 
 
-def _xla_scatter(y, source, a, expand, shrink_of, expand_of, sorted_ids, counts, starts, block_t):
+def _xla_scatter(
+    y, source, widths, weights, shrink_of, expand_of, sorted_ids, counts, starts, block_t
+):
     """Two passes over the non-empty adapter slots, each slicing a slot's weights once and
     walking its blocks of rows by token id: the shrink pass gathers a block's rows of `source`
     and stores `rows @ A_i` into a small float32 `h [T, sum R_i]`; the expand pass gathers the
     block's rows of h and scatter-adds their delta straight into y, which XLA updates in place.
     No permuted copies of x or of the output. (Shrink and expand in one pass per block measured
-    3-9% of the base matmul slower at T=2048.) `a` None: `source` already is h (an embedding)."""
+    3-9% of the base matmul slower at T=2048.) `widths` are the slices' ranks; None: `source`
+    already is h (an embedding)."""
     num_tokens, num_slots = y.shape[0], counts.shape[0]
     used = jnp.nonzero(counts > 0, size=num_slots, fill_value=0)[0].astype(jnp.int32)
     num_used = jnp.sum(counts > 0)
@@ -456,14 +462,13 @@ def _xla_scatter(y, source, a, expand, shrink_of, expand_of, sorted_ids, counts,
 
         return lax.fori_loop(0, num_used, per_slot, carry)
 
-    if a is None:
+    if widths is None:
         h, widths = source, (source.shape[1],)
     else:
-        widths = tuple(ai.shape[2] for ai in a)
 
         def shrink(slot, ids, h):
             rows = source.at[ids].get(mode="fill", fill_value=0)
-            hs = shrink_of(rows, tuple(ai[slot] for ai in a))
+            hs = shrink_of(rows, weights(slot)[0])
             return h.at[ids].set(jnp.concatenate(hs, axis=1), mode="drop")
 
         h = over_blocks(shrink, jnp.zeros((num_tokens, sum(widths)), jnp.float32))
@@ -471,7 +476,7 @@ def _xla_scatter(y, source, a, expand, shrink_of, expand_of, sorted_ids, counts,
 
     def add_delta(slot, ids, out):
         hs = jnp.split(h.at[ids].get(mode="fill", fill_value=0), cuts, axis=1)
-        delta = expand_of(hs, tuple((bi[slot], si[slot]) for bi, si in expand))
+        delta = expand_of(hs, weights(slot)[1])
         if out.dtype == jnp.float32:
             return out.at[ids].add(delta, mode="drop")
         # Narrow dtypes: add in float32 and round once, as the reference does.
