@@ -4,37 +4,44 @@ A restored adapter is already in jlora's layout and dtype: no PEFT config parsin
 no casts, which makes it the fast path of the manager's disk tier (``jlora.manager`` restores a
 ``LoRARequest`` whose path is such a checkpoint instead of re-converting PEFT safetensors).
 
-On disk (an orbax composite checkpoint with two items):
-  ``arrays``: one flat 1-D array per dtype (``{"float32": [n], "bfloat16": [m]}``) holding every
-    tensor of that dtype back to back, uncompressed, in 1 MiB chunks. Orbax/tensorstore pays a
-    per-array cost: a 7B rank-16 adapter's 448 tensors restore ~2.7x slower saved one by one
-    (390 vs 145 ms on the 2-core dev box); restoring the packed buffers hands out reshaped views.
-  ``jlora_adapter``: JSON with the format version, the adapter's id, name and path, and per
-    module its weights' placement (dtype, offset, shape), scaling and kind (plain or packed).
+On disk (an orbax composite checkpoint with two items, written and committed by orbax's
+``Checkpointer``: temporary directory, atomic rename, commit marker):
+  ``arrays``: one flat buffer per dtype (``float32.bin``, ``bfloat16.bin``, ...) holding every
+    tensor of that dtype back to back: raw little-endian bytes, written and read by
+    ``_BuffersHandler`` with one ``readinto`` into an aligned buffer (``jlora.hostio``). Not
+    tensorstore: reading one 80 MB buffer through orbax's PyTree handler took 73-105 ms against
+    ~10-20 ms for the file itself (OCDBT on or off, any chunking; BENCHMARKS.md), which made a
+    restore slower than re-converting the PEFT file; this layout restores faster than the
+    conversion. The byte size of every buffer is in the metadata, so a truncated file is caught.
+  ``jlora_adapter``: JSON with the format version, the adapter's id, name and path, the buffers'
+    sizes, and per module its weights' placement (dtype, offset, shape), scaling and kind.
 
 Restoring reproduces ids, names, paths, module order, scalings (exact: JSON round-trips Python
 floats), array values and dtypes (bfloat16 included). Arrays come back as host numpy views into
-the per-dtype buffers. Imports jlora.errors and jlora.weights.
+the per-dtype buffers, checked for NaN/Inf like a PEFT load. Imports jlora.errors, jlora.hostio
+and jlora.weights; orbax lazily.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
+import types
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import CheckpointError
+from jlora.hostio import count_nonfinite, read_ranges
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 FORMAT = "jlora.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: buffers in tensorstore (orbax PyTree handler)
 ARRAYS_ITEM = "arrays"
 META_ITEM = "jlora_adapter"
-# Chunks of 1 MiB let tensorstore read a buffer in parallel pieces: ~30% faster restores of a
-# 7B adapter than one chunk per buffer (benchmarks/load.py).
-CHUNK_BYTES = 1 << 20
 
 
 def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
@@ -62,7 +69,7 @@ def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool =
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path}: already exists; pass overwrite=True to replace it")
     packer = _Packer()
-    modules = []
+    modules: list[dict] = []
     for name, weights in model.loras.items():
         if isinstance(weights, PackedLoRALayerWeights):
             layers = [None if s is None else packer.layer(s) for s in weights.slices]
@@ -73,20 +80,20 @@ def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool =
             modules.append({"name": name, "packed": False, "layers": [packer.layer(weights)]})
         else:
             raise TypeError(f"module {name!r}: cannot save a {type(weights).__name__}")
+    buffers = packer.buffers()
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "id": model.id,
         "name": model.name,
         "path": model.path,
-        "dtypes": sorted(packer.parts),
+        "buffers": {k: v.nbytes for k, v in buffers.items()},
         "modules": modules,
     }
-    items: dict[str, Any] = {META_ITEM: ocp.args.JsonSave(meta)}
-    buffers = packer.buffers()
-    if buffers:  # orbax refuses an empty tree
-        save_args = {k: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for k in buffers}
-        items[ARRAYS_ITEM] = ocp.args.PyTreeSave(buffers, save_args=save_args)
+    items: dict[str, Any] = {
+        META_ITEM: ocp.args.JsonSave(meta),
+        ARRAYS_ITEM: _buffer_args().save(buffers),
+    }
     with _checkpointer() as ckptr:
         ckptr.save(path, ocp.args.Composite(**items), force=overwrite)
     return path
@@ -111,15 +118,9 @@ def restore_adapter(path: str | os.PathLike) -> LoRAModel:
                 f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this "
                 f"jlora reads {FORMAT!r} version {FORMAT_VERSION}. Re-save the adapter"
             )
-        buffers = {}
-        if meta["dtypes"]:
-            restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in meta["dtypes"]}
-            buffers = ckptr.restore(
-                path,
-                ocp.args.Composite(
-                    **{ARRAYS_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args)}
-                ),
-            )[ARRAYS_ITEM]
+        buffers = ckptr.restore(
+            path, ocp.args.Composite(**{ARRAYS_ITEM: _buffer_args().restore(meta["buffers"])})
+        )[ARRAYS_ITEM]
     unpacker = _Unpacker(path, buffers)
     loras = {}
     for module in meta["modules"]:
@@ -136,13 +137,52 @@ def restore_adapter(path: str | os.PathLike) -> LoRAModel:
 def _checkpointer():
     import orbax.checkpoint as ocp
 
-    # Uncompressed: LoRA weights are near-incompressible noise (zstd saves ~10% on fp16) and
-    # decompression doubled restore time in benchmarks/load.py.
-    arrays = ocp.PyTreeCheckpointHandler(use_compression=False)
     handler = ocp.CompositeCheckpointHandler(
-        **{ARRAYS_ITEM: arrays, META_ITEM: ocp.JsonCheckpointHandler()}
+        **{ARRAYS_ITEM: _buffer_args().handler(), META_ITEM: ocp.JsonCheckpointHandler()}
     )
     return ocp.Checkpointer(handler)
+
+
+@functools.cache
+def _buffer_args():
+    """The orbax handler of the ``arrays`` item and its save/restore args (built on first use:
+    orbax is imported lazily)."""
+    import orbax.checkpoint as ocp
+
+    class BuffersHandler(ocp.CheckpointHandler):
+        """dtype name -> 1-D numpy buffer, one raw ``<dtype>.bin`` file each."""
+
+        def save(self, directory, args):
+            for key, buf in args.buffers.items():
+                with open(os.path.join(os.fspath(directory), f"{key}.bin"), "wb") as f:
+                    f.write(memoryview(np.ascontiguousarray(buf).view(np.uint8)))
+
+        def restore(self, directory, args):
+            out = {}
+            for key, nbytes in args.sizes.items():
+                file = os.path.join(os.fspath(directory), f"{key}.bin")
+                if not os.path.isfile(file) or os.path.getsize(file) != nbytes:
+                    have = os.path.getsize(file) if os.path.isfile(file) else "no"
+                    raise CheckpointError(
+                        f"{file}: {have} bytes where the checkpoint's metadata says {nbytes}; "
+                        "the checkpoint is incomplete or corrupt, re-save it"
+                    )
+                buf, _ = read_ranges(file, [(0, nbytes)])
+                buf.setflags(write=False)
+                out[key] = buf.view(jnp.dtype(key))
+            return out
+
+    @ocp.args.register_with_handler(BuffersHandler, for_save=True)
+    @dataclasses.dataclass
+    class BuffersSave(ocp.args.CheckpointArgs):
+        buffers: dict[str, np.ndarray]
+
+    @ocp.args.register_with_handler(BuffersHandler, for_restore=True)
+    @dataclasses.dataclass
+    class BuffersRestore(ocp.args.CheckpointArgs):
+        sizes: dict[str, int]
+
+    return types.SimpleNamespace(handler=BuffersHandler, save=BuffersSave, restore=BuffersRestore)
 
 
 class _Packer:
@@ -191,7 +231,14 @@ class _Unpacker:
                 f"{self.path}: a tensor of dtype {key} at [{offset}, {offset + size}) is "
                 "missing from the stored arrays; the checkpoint is incomplete, re-save it"
             )
-        return buf[offset : offset + size].reshape(shape)
+        x = buf[offset : offset + size].reshape(shape)
+        bad = count_nonfinite(x)
+        if bad:
+            raise CheckpointError(
+                f"{self.path}: a {key} tensor of shape {tuple(shape)} holds {bad} NaN/Inf "
+                "values; the checkpoint is corrupt, re-save it from a good adapter"
+            )
+        return x
 
     def layer(self, m: dict) -> LoRALayerWeights:
         return LoRALayerWeights(

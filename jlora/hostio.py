@@ -11,7 +11,6 @@ allocations and their page faults.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import ml_dtypes

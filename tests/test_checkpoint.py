@@ -121,3 +121,39 @@ def test_not_a_checkpoint_and_wrong_version_are_refused(tmp_path):
 def test_save_refuses_non_models(tmp_path):
     with pytest.raises(TypeError, match="takes a LoRAModel"):
         save_adapter({"q": 1}, tmp_path / "x")
+
+
+def _buffer_file(path, dtype="float32"):
+    return os.path.join(path, "arrays", f"{dtype}.bin")
+
+
+def test_restored_arrays_are_aligned_read_only_views(tmp_path):
+    model = jlora.load_adapter(ADAPTERS_DIR / "attn_r8")
+    restored = restore_adapter(save_adapter(model, tmp_path / "c"))
+    for x in (w.lora_a for w in restored.loras.values()):
+        assert not x.flags.writeable
+    first = next(iter(restored.loras.values())).lora_a
+    assert first.ctypes.data % 64 == 0
+
+
+def test_truncated_or_corrupt_buffers_are_refused(tmp_path, rng):
+    model = jlora.load_adapter(ADAPTERS_DIR / "attn_r8")
+    dtype = next(iter(model.loras.values())).lora_a.dtype.name
+    path = save_adapter(model, tmp_path / "c")
+    file = _buffer_file(path, dtype)
+    with open(file, "rb") as f:
+        data = f.read()
+    with open(file, "wb") as f:
+        f.write(data[:-2])
+    with pytest.raises(CheckpointError, match=r"bytes where the checkpoint's metadata says"):
+        restore_adapter(path)
+    # Right size, but a NaN where a weight was: caught like a PEFT file's NaN.
+    buf = np.frombuffer(data, np.dtype(dtype)).copy()
+    buf[rng.integers(buf.size)] = np.nan
+    with open(file, "wb") as f:
+        f.write(buf.tobytes())
+    with pytest.raises(CheckpointError, match="holds 1 NaN/Inf values"):
+        restore_adapter(path)
+    os.remove(file)
+    with pytest.raises(CheckpointError, match="no bytes where"):
+        restore_adapter(path)
