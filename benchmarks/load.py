@@ -9,7 +9,7 @@ of the same adapter to a temp dir, then times, interleaved in one run (medians o
   raw            safetensors.numpy.load_file: the file into numpy arrays, nothing else
   peft->slot     activate_adapter(state, LoRARequest(peft_dir)): parse + validate the config,
                  read, check finite, transpose, fit-check, copy into a device slot
-  orbax->slot    activate_adapter(state, LoRARequest(checkpoint_dir)): orbax restore + copy
+  orbax->slot    activate_adapter(state, LoRARequest(checkpoint_dir)): restore + copy
   convert        jlora.load_adapter alone (host LoRAModel from PEFT safetensors)
   restore        jlora.restore_adapter alone (host LoRAModel from the orbax checkpoint)
   slot write     activate_adapter of an adapter already in the host cache (device copy only)
