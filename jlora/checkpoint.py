@@ -7,8 +7,9 @@ no casts, which makes it the fast path of the manager's disk tier (``jlora.manag
 On disk (an orbax composite checkpoint with two items, written and committed by orbax's
 ``Checkpointer``: temporary directory, atomic rename, commit marker):
   ``arrays``: one flat buffer per dtype (``float32.bin``, ``bfloat16.bin``, ...) holding every
-    tensor of that dtype back to back: raw little-endian bytes, written and read by
-    ``_BuffersHandler`` with one ``readinto`` into an aligned buffer (``jlora.hostio``). Not
+    tensor of that dtype back to back: raw bytes in the host's (little-endian) order, written and
+    read by ``_buffer_args().handler``, a small orbax ``CheckpointHandler``, with one
+    ``readinto`` into an aligned buffer (``jlora.hostio``). Not
     tensorstore: reading one 80 MB buffer through orbax's PyTree handler took 73-105 ms against
     ~10-20 ms for the file itself (OCDBT on or off, any chunking; BENCHMARKS.md), which made a
     restore slower than re-converting the PEFT file; this layout restores faster than the
@@ -118,8 +119,9 @@ def restore_adapter(path: str | os.PathLike) -> LoRAModel:
                 f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this "
                 f"jlora reads {FORMAT!r} version {FORMAT_VERSION}. Re-save the adapter"
             )
+        sizes = meta.get("buffers", {})
         buffers = ckptr.restore(
-            path, ocp.args.Composite(**{ARRAYS_ITEM: _buffer_args().restore(meta["buffers"])})
+            path, ocp.args.Composite(**{ARRAYS_ITEM: _buffer_args().restore(sizes)})
         )[ARRAYS_ITEM]
     unpacker = _Unpacker(path, buffers)
     loras = {}
