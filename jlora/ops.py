@@ -15,15 +15,20 @@ than the base matmul on a CPU. Instead tokens are taken in slot order (the mappi
 `sorted_token_ids`), cut into blocks of `block_t` sorted positions each owned by one slot
 (slot 0 skipped), and `fori_loop`s whose trip counts are the numbers of real blocks run, per
 block, `x_blk @ A[s]` and `(h * scale[s]) @ B[s]` with the adapter's A and B sliced once for the
-whole block, never per token. Three ways to move rows, chosen by T (and decode-sized steps also
+whole block, never per token. Four ways to move rows, chosen by T (and decode-sized steps also
 by their adapter mix, at run time; measurements in BENCHMARKS.md):
 
 - `"token"` (T <= 32: decode steps): one row at a time in slot order, slot-0 rows skipped, the
   loop body unrolled 4 times. With many adapters a decode step has about one token per adapter,
   so blocks would mostly hold padding; what costs there is XLA:CPU's per-iteration overhead
-  (microseconds per trip), which the unrolling divides. Unless the strategy is forced, a step
-  whose adapter rows are few per adapter (>= 4 per used slot) takes `"sorted"` blocks of 8
-  instead, picked at run time.
+  (microseconds per trip), which the unrolling divides. Unless the strategy is forced, the step's
+  adapter mix picks one of three other ways at run time (`_decode_plan`): few rows per adapter
+  (>= 4 per used slot) take `"sorted"` blocks of 8; many adapters spread thin over float32
+  banks (at most k = 1 or 2 rows per slot, filling >= 3/4 of the `[S, k]` places) take `"slots"`.
+- `"slots"`: every row is placed at (its slot, its rank in the slot) of a `[S, k, in]` buffer
+  and one batched product (`vmap` over the banks' slot axis) runs every slot's A and B once, no
+  loop at all. It reads every slot, used or not, so it pays only when nearly all are used.
+  Forced, `xla_block_t` is k, and a step with a fuller slot runs the row loop instead.
 - `"sorted"` (32 < T <= 1024: larger decode batches, small prefills): x is permuted into slot
   order once, blocks are contiguous slices, the deltas land in a slot-ordered buffer that is
   permuted back and added to y at the end. Cheap per block, two extra passes over `[T, *]`.
@@ -56,7 +61,7 @@ from jlora.weights import LoRABank
 __all__ = ["IMPLS", "OpsConfig", "add_lora", "add_lora_embedding"]
 
 IMPLS = ("auto", "pallas", "xla")
-XLA_STRATEGIES = ("token", "sorted", "scatter")
+XLA_STRATEGIES = ("token", "sorted", "scatter", "slots")
 _PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 logger = logging.getLogger(__name__)
@@ -111,6 +116,15 @@ _TOKEN_UNROLL = 4
 # vs 12.2 (blocks of 4) / 14.0 (blocks of 8); 32 distinct 22.9 vs 40.6 (blocks of 4).
 _FEW_ROWS_PER_SLOT = 4
 _FEW_BLOCK_T = 8
+# ... and when they are many and spread thin (at most k <= 2 rows per used slot, filling at least
+# 3/4 of an [S, k] grid of places), one batched product over every slot (`"slots"`): it reads
+# each bank once with no per-row loop overhead. Its cost follows S * k, the loop's the rows. Same
+# 56 projections chained as in a model, T=32: 33 slots, 32 distinct: 23 ms per token vs 16 ms;
+# 17 slots, 16 adapters x 2 rows: 19 vs 12.7 ms; 33 slots, 16 x 2 (half the places empty): 18
+# per token vs 23.6, so that mix keeps the loop. Float32 banks only: XLA:CPU's batched bf16/f16
+# product was 4x slower than the loop.
+_SLOTS_MAX_ROWS = 2
+_SLOTS_MIN_FILL = 0.75
 
 
 def _xla_plan(num_tokens: int, config: OpsConfig) -> tuple[str, int]:
@@ -126,6 +140,8 @@ def _xla_plan(num_tokens: int, config: OpsConfig) -> tuple[str, int]:
     block_t = config.xla_block_t
     if strategy == "token":
         block_t = _TOKEN_UNROLL if block_t is None else block_t  # rows per loop iteration
+    elif strategy == "slots":
+        block_t = _SLOTS_MAX_ROWS if block_t is None else block_t  # rows per slot
     elif block_t is None:
         block_t = 32 if strategy == "scatter" else min(16, max(4, num_tokens // 32))
     return strategy, max(1, min(block_t, num_tokens))
@@ -357,28 +373,49 @@ def _xla_blocks(
         a_s, b_s = w
         return expand_of((rows,) if a_s is None else shrink_of(rows, a_s), b_s)
 
+    def per_token(unroll=block_t):
+        slots = token_slots.astype(jnp.int32)
+        return _xla_per_token(y, source, weights, delta_of, slots, sorted_ids, counts, unroll)
+
+    def by_slot(rows_per_slot):
+        return lambda: _xla_slots(
+            y, source, delta_of, (a, expand), token_slots, sorted_ids, starts, rows_per_slot
+        )
+
+    if strategy == "slots":  # forced: a slot with more rows than block_t takes the row loop
+        return lax.cond(
+            jnp.max(counts) <= block_t, by_slot(block_t), lambda: per_token(_TOKEN_UNROLL)
+        )
     if strategy == "token":
-
-        def per_token():
-            slots = token_slots.astype(jnp.int32)
-            return _xla_per_token(y, source, weights, delta_of, slots, sorted_ids, counts, block_t)
-
         if config.xla_strategy is not None:
             return per_token()
-        rows, used = jnp.sum(counts), jnp.sum(counts > 0)
-        few_adapters = (rows > 0) & (rows >= _FEW_ROWS_PER_SLOT * used)
         block = min(_FEW_BLOCK_T, num_tokens)
-        return lax.cond(
-            few_adapters,
-            lambda: _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block),
+        f32 = all(w.dtype == jnp.float32 for w in (*(a or ()), *(b for b, _ in expand)))
+        branches = [
             per_token,
-        )
+            lambda: _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block),
+            *(by_slot(k) for k in range(1, _SLOTS_MAX_ROWS + 1) if f32),
+        ]
+        return lax.switch(_decode_plan(counts, by_slot=f32), branches)
     if strategy == "sorted":
         return _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
     widths = None if a is None else tuple(ai.shape[2] for ai in a)
     return _xla_scatter(
         y, source, widths, weights, shrink_of, expand_of, sorted_ids, counts, starts, block_t
     )
+
+
+def _decode_plan(counts: jax.Array, *, by_slot: bool) -> jax.Array:
+    """Branch of a decode-sized step, from its slot counts (slot 0 zeroed): 0 the row loop,
+    1 sorted blocks (few adapters), 1 + k one product over all slots with k rows per slot
+    (many adapters spread thin; only offered when `by_slot`)."""
+    rows, used, most = jnp.sum(counts), jnp.sum(counts > 0), jnp.max(counts)
+    choice = jnp.where((rows > 0) & (rows >= _FEW_ROWS_PER_SLOT * used), 1, 0)
+    if by_slot:
+        for k in range(_SLOTS_MAX_ROWS, 0, -1):  # the smallest k that fits wins
+            fits = (most <= k) & (rows >= _SLOTS_MIN_FILL * k * counts.shape[0])
+            choice = jnp.where(fits & (choice != 1), 1 + k, choice)
+    return choice.astype(jnp.int32)
 
 
 def _xla_per_token(y, source, weights, delta_of, token_slots, sorted_ids, counts, unroll):
@@ -402,6 +439,26 @@ def _xla_per_token(y, source, weights, delta_of, token_slots, sorted_ids, counts
         return out
 
     return lax.fori_loop(0, (num_tokens - first + unroll - 1) // unroll, body, y)
+
+
+def _xla_slots(y, source, delta_of, bank_weights, token_slots, sorted_ids, starts, rows_per_slot):
+    """One batched product over every slot. Row t goes to place (its slot, its rank among the
+    slot's rows) of a zeroed `[S, rows_per_slot, F]` buffer, each slot's places run through that
+    slot's A and B (`vmap` over the banks' slot axis: one read of every bank, on all cores), and
+    each row takes its place's delta back. Ranks must be below `rows_per_slot` (the caller checks
+    the slot counts); slot-0 rows are sent out of bounds, so they neither go in nor change."""
+    num_tokens, num_slots = y.shape[0], starts.shape[0]
+    slots = token_slots.astype(jnp.int32)
+    order = jnp.arange(num_tokens, dtype=jnp.int32)
+    position = jnp.zeros(num_tokens, jnp.int32).at[sorted_ids].set(order)
+    rank = position - starts[slots]
+    place = jnp.where(slots > 0, slots, num_slots)
+    buffer = jnp.zeros((num_slots, rows_per_slot, source.shape[1]), source.dtype)
+    buffer = buffer.at[place, rank].set(source, mode="drop")
+    delta = jax.vmap(delta_of)(buffer, bank_weights)  # float32 [S, rows_per_slot, out]
+    delta = delta.at[place, rank].get(mode="fill", fill_value=0)
+    new = (y.astype(jnp.float32) + delta).astype(y.dtype)
+    return jnp.where((slots > 0)[:, None], new, y)
 
 
 def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t):

@@ -1,12 +1,13 @@
 """jlora.ops: the XLA (CPU) path and the impl dispatch against jlora.reference."""
 
+import dataclasses
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_cases import BENCH_CASES, KERNEL_CASES, TOLERANCES, make_inputs
+from kernel_cases import BENCH_CASES, KERNEL_CASES, TOLERANCES, make_inputs, segment_arrays
 
 from jlora import ops, reference
 from jlora.mapping import LoRAMapping
@@ -66,6 +67,56 @@ def test_xla_strategies_and_blocks(name, block_t, strategy, rng):
     config = ops.OpsConfig(xla_strategy=strategy, xla_block_t=block_t)
     out = run_jitted(y, x, banks, mapping, impl="xla", config=config)
     assert_matches_reference(out, y, x, banks, mapping, case.dtype)
+
+
+# Decode-sized steps (T = 32) and the branch `_decode_plan` must pick for them:
+# 0 row loop, 1 sorted blocks, 2 one product over all slots with 1 row per slot, 3 with 2.
+DECODE_MIXES = {
+    "distinct": (33, list(range(1, 33)), 2),
+    "distinct_and_base": (33, [0] * 6 + list(range(1, 27)), 2),
+    "pairs_17_slots": (17, [1 + i // 2 for i in range(32)], 3),
+    "pairs_33_slots": (33, [1 + i // 2 for i in range(32)], 0),  # half the places empty
+    "few_distinct": (33, [1 + i % 8 for i in range(8)] + [0] * 24, 0),
+    "one_adapter": (33, [5] * 32, 1),
+}
+
+
+def decode_inputs(num_slots, slots, dtype, rng):
+    """layer_inputs for a qkv-like decode layer whose rows use `slots` (shuffled)."""
+    case = dataclasses.replace(CASES["float32_qkv"], num_tokens=len(slots), num_slots=num_slots)
+    case = dataclasses.replace(case, dtype=dtype)
+    y, x, banks, _ = layer_inputs(case, rng, is_prefill=False)
+    token_slots = rng.permutation(np.asarray(slots, np.int32))
+    sorted_ids, counts, starts = segment_arrays(token_slots, num_slots)
+    y = jnp.where(jnp.asarray(token_slots == 0)[:, None], 4096.0, y).astype(y.dtype)
+    mapping = LoRAMapping(
+        token_slots=jnp.asarray(token_slots),
+        seq_slots=jnp.zeros(1, jnp.int32),
+        sorted_token_ids=jnp.asarray(sorted_ids),
+        slot_counts=jnp.asarray(counts),
+        slot_starts=jnp.asarray(starts),
+        is_prefill=False,
+    )
+    return y, x, banks, mapping
+
+
+@pytest.mark.parametrize("mix", DECODE_MIXES)
+def test_decode_plan_picks_the_branch_for_the_mix(mix):
+    num_slots, slots, branch = DECODE_MIXES[mix]
+    counts = jnp.asarray(np.bincount(slots, minlength=num_slots)).at[0].set(0)
+    assert int(ops._decode_plan(counts, by_slot=True)) == branch
+    # Narrow banks never take the product over all slots (XLA:CPU runs it 4x slower).
+    assert int(ops._decode_plan(counts, by_slot=False)) == (branch if branch < 2 else 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mix", DECODE_MIXES)
+def test_decode_mixes_match_reference(mix, dtype, rng):
+    """Every branch of a decode-sized step, through one jitted layer, against the reference."""
+    num_slots, slots, _ = DECODE_MIXES[mix]
+    y, x, banks, mapping = decode_inputs(num_slots, slots, dtype, rng)
+    out = run_jitted(y, x, banks, mapping, impl="xla")
+    assert_matches_reference(out, y, x, banks, mapping, dtype)
 
 
 @pytest.mark.parametrize("is_prefill", [True, False], ids=["segmented", "gathered"])
