@@ -1,6 +1,7 @@
 """Adapter load time: a Llama-7B-shaped rank-16 PEFT adapter from disk into a device slot.
 
     python -m benchmarks.load [--repeats 7] [--max-loras 4] [--dtype float16] [--json]
+                              [--default-heap]
 
 Writes a synthetic PEFT adapter (32 layers x q,k,v,o,gate,up,down; hidden 4096, intermediate
 11008, rank 16; float16 tensors by default: 40M parameters, 80 MB) and a jlora orbax checkpoint
@@ -14,6 +15,12 @@ of the same adapter to a temp dir, then times, interleaved in one run (medians o
   restore        jlora.restore_adapter alone (host LoRAModel from the orbax checkpoint)
   slot write     activate_adapter of an adapter already in the host cache (device copy only)
 
+Heap: by default the benchmark asks glibc (``mallopt``) to keep freed memory instead of returning
+it to the kernel, so every repeat of every case reuses warm pages. Without it the raw read is
+bimodal: 448 arrays of 90-180 KB get fresh, zero-filled pages each round (51-73 ms) unless an
+earlier allocation happened to raise glibc's mmap/trim thresholds (12-16 ms), which made the
+reference depend on what the other cases allocate. ``--default-heap`` measures without it.
+
 The manager's banks are a packed Llama-7B layout (fused qkv and gate_up) with ``--max-loras``
 slots. Files are read from the page cache (written just before), as in a serving host that has
 the adapters on a local disk. Ratios are what to compare across machines; targets from issue 4:
@@ -23,6 +30,8 @@ peft->slot <= 1.5x raw, and orbax restore faster than conversion.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -65,6 +74,18 @@ def llama7b_targets() -> tuple[TargetModule, ...]:
     config = dataclasses.replace(LLAMA_7B, fuse_qkv=True, fuse_gate_up=True)
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     return jlora.find_targets(jlora.apply(model, target_modules=list(synthetic.LLAMA_PROJECTIONS)))
+
+
+def keep_freed_heap() -> bool:
+    """Asks glibc to keep freed memory mapped (mmap and trim thresholds at 256 MiB). False where
+    the C library has no ``mallopt`` (not glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 1 << 28)) and bool(mallopt(m_trim_threshold, 1 << 28))
 
 
 def run(repeats: int, max_loras: int, dtype: str) -> dict:
@@ -150,12 +171,19 @@ def main(argv=None):
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--default-heap", action="store_true", help="leave glibc's malloc settings alone"
+    )
     args = parser.parse_args(argv)
+    heap = "default" if args.default_heap or not keep_freed_heap() else "freed memory kept"
     result = run(args.repeats, args.max_loras, args.dtype)
+    result["heap"] = heap
+    if args.default_heap:
+        result["command"] += " --default-heap"
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['adapter']}; {result['machine']}; jax {result['jax']}")
+    print(f"{result['adapter']}; {result['machine']}; jax {result['jax']}; heap: {heap}")
     for name, t in result["median_s"].items():
         print(f"  {name:<12} {t * 1e3:9.1f} ms")
     for name, r in result["ratios"].items():
