@@ -119,10 +119,10 @@ _FEW_BLOCK_T = 8
 # ... and when they are many and spread thin (at most k <= 2 rows per used slot, filling at least
 # 3/4 of an [S, k] grid of places), one batched product over every slot (`"slots"`): it reads
 # each bank once with no per-row loop overhead. Its cost follows S * k, the loop's the rows. Same
-# 56 projections chained as in a model, T=32: 33 slots, 32 distinct: 23 ms per token vs 16 ms;
-# 17 slots, 16 adapters x 2 rows: 19 vs 12.7 ms; 33 slots, 16 x 2 (half the places empty): 18
-# per token vs 23.6, so that mix keeps the loop. Float32 banks only: XLA:CPU's batched bf16/f16
-# product was 4x slower than the loop.
+# 56 projections chained as in a model, T=32: 33 slots, 32 distinct: 23 ms with the row loop vs
+# 16 ms; 17 slots, 16 adapters x 2 rows: 19 vs 12.7 ms; 33 slots, 16 x 2 (half the places
+# empty): 18 with the loop vs 23.6, so that mix keeps the loop. Float32 banks only: XLA:CPU's
+# batched bf16/f16 product was 4x slower than the loop.
 _SLOTS_MAX_ROWS = 2
 _SLOTS_MIN_FILL = 0.75
 
@@ -444,7 +444,7 @@ def _xla_per_token(y, source, weights, delta_of, token_slots, sorted_ids, counts
 def _xla_slots(y, source, delta_of, bank_weights, token_slots, sorted_ids, starts, rows_per_slot):
     """One batched product over every slot. Row t goes to place (its slot, its rank among the
     slot's rows) of a zeroed `[S, rows_per_slot, F]` buffer, each slot's places run through that
-    slot's A and B (`vmap` over the banks' slot axis: one read of every bank, on all cores), and
+    slot's A and B (`vmap` over the banks' slot axis: one read of every bank, no loop), and
     each row takes its place's delta back. Ranks must be below `rows_per_slot` (the caller checks
     the slot counts); slot-0 rows are sent out of bounds, so they neither go in nor change."""
     num_tokens, num_slots = y.shape[0], starts.shape[0]
