@@ -17,7 +17,7 @@ of the same adapter to a temp dir, then times, interleaved in one run (medians o
 
 Heap: by default the benchmark asks glibc (``mallopt``) to keep freed memory instead of returning
 it to the kernel, so every repeat of every case reuses warm pages. Without it the raw read is
-bimodal: 448 arrays of 90-180 KB get fresh, zero-filled pages each round (51-73 ms) unless an
+bimodal: 448 arrays of 90-180 KB get fresh, zero-filled pages each round (51-81 ms) unless an
 earlier allocation happened to raise glibc's mmap/trim thresholds (12-16 ms), which made the
 reference depend on what the other cases allocate. ``--default-heap`` measures without it.
 

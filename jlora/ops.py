@@ -447,11 +447,9 @@ def _xla_slots(y, source, delta_of, bank_weights, token_slots, sorted_ids, start
     slot's A and B (`vmap` over the banks' slot axis: one read of every bank, no loop), and
     each row takes its place's delta back. Ranks must be below `rows_per_slot` (the caller checks
     the slot counts); slot-0 rows are sent out of bounds, so they neither go in nor change."""
-    num_tokens, num_slots = y.shape[0], starts.shape[0]
+    num_slots = starts.shape[0]
     slots = token_slots.astype(jnp.int32)
-    order = jnp.arange(num_tokens, dtype=jnp.int32)
-    position = jnp.zeros(num_tokens, jnp.int32).at[sorted_ids].set(order)
-    rank = position - starts[slots]
+    rank = _positions(sorted_ids) - starts[slots]
     place = jnp.where(slots > 0, slots, num_slots)
     buffer = jnp.zeros((num_slots, rows_per_slot, source.shape[1]), source.dtype)
     buffer = buffer.at[place, rank].set(source, mode="drop")
@@ -459,6 +457,13 @@ def _xla_slots(y, source, delta_of, bank_weights, token_slots, sorted_ids, start
     delta = delta.at[place, rank].get(mode="fill", fill_value=0)
     new = (y.astype(jnp.float32) + delta).astype(y.dtype)
     return jnp.where((slots > 0)[:, None], new, y)
+
+
+def _positions(sorted_ids: jax.Array) -> jax.Array:
+    """Each token's position in slot order: the inverse of the `sorted_ids` permutation."""
+    num_tokens = sorted_ids.shape[0]
+    order = jnp.arange(num_tokens, dtype=jnp.int32)
+    return jnp.zeros(num_tokens, jnp.int32).at[sorted_ids].set(order)
 
 
 def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t):
@@ -480,10 +485,7 @@ def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_
 
     delta = jnp.zeros((num_tokens + block_t, y.shape[1]), jnp.float32)
     delta = lax.fori_loop(0, jnp.sum(blocks.length > 0), body, delta)
-    inverse = (
-        jnp.zeros(num_tokens, jnp.int32).at[sorted_ids].set(jnp.arange(num_tokens, dtype=jnp.int32))
-    )
-    return (y.astype(jnp.float32) + delta[inverse]).astype(y.dtype)
+    return (y.astype(jnp.float32) + delta[_positions(sorted_ids)]).astype(y.dtype)
 
 
 def _xla_scatter(

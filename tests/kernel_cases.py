@@ -121,11 +121,13 @@ def _bank_arrays(rng, num_slots, rows, max_rank, cols, dtype, *, a_side: bool):
     return jnp.asarray(w, dtype)
 
 
-def make_inputs(case: Case, rng) -> dict:
-    """Fresh random inputs for `case` (non-zero everywhere that matters)."""
+def make_inputs(case: Case, rng, token_slots: np.ndarray | None = None) -> dict:
+    """Fresh random inputs for `case` (non-zero everywhere that matters); `token_slots`, when
+    given, replaces the case's pattern (int32 `[T]`)."""
     dtype = jnp.dtype(case.dtype)
     t, s = case.num_tokens, case.num_slots
-    token_slots = make_slots(case.pattern, t, s, rng)
+    if token_slots is None:
+        token_slots = make_slots(case.pattern, t, s, rng)
     sorted_ids, counts, starts = segment_arrays(token_slots, s)
     x = jnp.asarray(rng.standard_normal((t, case.in_features)), dtype)
     a = tuple(

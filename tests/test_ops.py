@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_cases import BENCH_CASES, KERNEL_CASES, TOLERANCES, make_inputs, segment_arrays
+from kernel_cases import BENCH_CASES, KERNEL_CASES, TOLERANCES, make_inputs
 
 from jlora import ops, reference
 from jlora.mapping import LoRAMapping
@@ -16,9 +16,9 @@ from jlora.weights import LoRABank
 CASES = {c.name: c for c in KERNEL_CASES + BENCH_CASES}
 
 
-def layer_inputs(case, rng, *, is_prefill=True):
+def layer_inputs(case, rng, *, is_prefill=True, token_slots=None):
     """(y, x, banks, mapping) for `case`; y covers exactly the slices' columns."""
-    inp = make_inputs(case, rng)
+    inp = make_inputs(case, rng, token_slots)
     banks = tuple(
         LoRABank(a=a, b=b, scale=s)
         for a, b, s in zip(inp["a"], inp["b"], inp["scale"], strict=True)
@@ -83,21 +83,11 @@ DECODE_MIXES = {
 
 def decode_inputs(num_slots, slots, dtype, rng):
     """layer_inputs for a qkv-like decode layer whose rows use `slots` (shuffled)."""
-    case = dataclasses.replace(CASES["float32_qkv"], num_tokens=len(slots), num_slots=num_slots)
-    case = dataclasses.replace(case, dtype=dtype)
-    y, x, banks, _ = layer_inputs(case, rng, is_prefill=False)
-    token_slots = rng.permutation(np.asarray(slots, np.int32))
-    sorted_ids, counts, starts = segment_arrays(token_slots, num_slots)
-    y = jnp.where(jnp.asarray(token_slots == 0)[:, None], 4096.0, y).astype(y.dtype)
-    mapping = LoRAMapping(
-        token_slots=jnp.asarray(token_slots),
-        seq_slots=jnp.zeros(1, jnp.int32),
-        sorted_token_ids=jnp.asarray(sorted_ids),
-        slot_counts=jnp.asarray(counts),
-        slot_starts=jnp.asarray(starts),
-        is_prefill=False,
+    case = dataclasses.replace(
+        CASES["float32_qkv"], num_tokens=len(slots), num_slots=num_slots, dtype=dtype
     )
-    return y, x, banks, mapping
+    token_slots = rng.permutation(np.asarray(slots, np.int32))
+    return layer_inputs(case, rng, is_prefill=False, token_slots=token_slots)
 
 
 @pytest.mark.parametrize("mix", DECODE_MIXES)
