@@ -20,6 +20,7 @@ import numpy as np
 
 ALIGNMENT = 64  # bytes; what XLA's CPU client needs to alias a host buffer
 _CHECK_CHUNK = 1 << 19  # elements per step of the finite check: the scratch stays in L2
+_READ_PIECE = 1 << 20  # bytes per readinto when the pieces are checked as they land
 
 # dtype -> (unsigned view, mask without the sign bit, the all-ones exponent of Inf/NaN)
 _FLOAT_BITS = {
@@ -47,8 +48,57 @@ def read_ranges(path: str, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarra
     Raises:
       EOFError: the file ends before a range does (it was truncated after it was checked).
     """
+    runs, placed, size = _plan(ranges)
+    buf = aligned_empty(size)
+    _fill(path, buf, runs)
+    return buf, placed
+
+
+def read_ranges_checked(
+    path: str, ranges: Sequence[tuple[int, int]], dtypes: Sequence[np.dtype]
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """``read_ranges``, also counting the NaN/Inf values of range ``i`` read as ``dtypes[i]``.
+
+    The runs are read in pieces of ``_READ_PIECE`` bytes and every range is counted as soon as
+    its last byte lands, while the piece is still in cache; neighbouring ranges of one dtype are
+    counted as one array (one call for a whole piece), and one by one only when that count is
+    not zero. Against reading everything and then counting tensor by tensor: 80 MB of 448
+    float16 tensors, 9.7 -> 7.4 ms (BENCHMARKS.md). Returns the buffer, the offsets and the
+    counts. Raises EOFError as ``read_ranges`` does."""
+    runs, placed, size = _plan(ranges)
+    buf = aligned_empty(size)
+    order = sorted(range(len(ranges)), key=lambda i: placed[i])
+    ends = [placed[i] + ranges[i][1] - ranges[i][0] for i in range(len(ranges))]
+    bad = [0] * len(ranges)
+    done = 0  # ranges of `order` counted so far
+
+    def count(filled: int) -> None:  # every byte of the buffer below `filled` is in place
+        nonlocal done
+        while done < len(order) and ends[order[done]] <= filled:
+            group = [order[done]]
+            while done + len(group) < len(order):
+                nxt = order[done + len(group)]
+                last = group[-1]
+                if ends[nxt] > filled or placed[nxt] != ends[last] or dtypes[nxt] != dtypes[last]:
+                    break
+                group.append(nxt)
+            first, dtype = group[0], np.dtype(dtypes[group[0]])
+            n = (ends[group[-1]] - placed[first]) // dtype.itemsize
+            if count_nonfinite(np.frombuffer(buf, dtype, count=n, offset=placed[first])):
+                for i in group:
+                    n = (ends[i] - placed[i]) // dtype.itemsize
+                    bad[i] = count_nonfinite(np.frombuffer(buf, dtype, count=n, offset=placed[i]))
+            done += len(group)
+
+    _fill(path, buf, runs, piece=_READ_PIECE, on_piece=count)
+    return buf, placed, bad
+
+
+def _plan(ranges: Sequence[tuple[int, int]]) -> tuple[list[list[int]], list[int], int]:
+    """Merged runs ``[file begin, file end, buffer offset]`` in file order (so in buffer order
+    too), each range's buffer offset, and the buffer size."""
     order = sorted(range(len(ranges)), key=lambda i: ranges[i])
-    runs: list[list[int]] = []  # [file begin, file end, buffer offset]
+    runs: list[list[int]] = []
     run_of = [0] * len(ranges)
     size = 0
     for i in order:
@@ -63,18 +113,27 @@ def read_ranges(path: str, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarra
         run_of[i] = len(runs) - 1
     if runs:
         size += runs[-1][1] - runs[-1][0]
-    buf = aligned_empty(size)
+    placed = [runs[r][2] + ranges[i][0] - runs[r][0] for i, r in enumerate(run_of)]
+    return runs, placed, size
+
+
+def _fill(path, buf, runs, piece: int | None = None, on_piece=None) -> None:
+    """Reads every run into its place in ``buf``, ``piece`` bytes per ``readinto`` at most,
+    calling ``on_piece(filled)`` after each with the buffer offset below which all is read."""
     with open(path, "rb", buffering=0) as f:
         for begin, end, offset in runs:
             f.seek(begin)
             view = memoryview(buf[offset : offset + end - begin])
+            filled = offset
             while view.nbytes:
-                n = f.readinto(view)
+                n = f.readinto(view[:piece] if piece else view)
                 if not n:
                     raise EOFError(f"{path}: ends before byte {end}")
-                view = view[n:]
-    placed = [runs[r][2] + ranges[i][0] - runs[r][0] for i, r in enumerate(run_of)]
-    return buf, placed
+                view, filled = view[n:], filled + n
+                if on_piece:
+                    on_piece(filled)
+        if on_piece:
+            on_piece(buf.size)  # empty ranges past the last byte
 
 
 def count_nonfinite(x: np.ndarray) -> int:

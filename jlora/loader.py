@@ -4,9 +4,10 @@ PyTorch layout) into a ``LoRAModel`` in jlora's JAX layout, on the host.
 Order of work, so that bad input fails early and cheaply: parse + validate the config, open the
 safetensors file (its header is validated against the file size before any tensor is read, so a
 header declaring more data than the file holds fails without allocating), check every tensor name,
-dtype and shape against the config, and only then read the LoRA tensors' bytes into one aligned
-buffer (one ``readinto`` per contiguous range: ``jlora.hostio``), check for NaN/Inf, and hand out
-the tensors as transposed views of that buffer (cast only when a dtype is asked for).
+dtype and shape against the config (from the header: no tensor is opened for it), and only then
+read the LoRA tensors' bytes into one aligned buffer (1 MiB ``readinto`` pieces, each checked for
+NaN/Inf while it is in cache: ``jlora.hostio.read_ranges_checked``), and hand out the tensors as
+transposed views of that buffer (cast only when a dtype is asked for).
 Pickle files (``.bin``, ``.pt``) are refused, never opened. Imports jlora data-model modules only.
 """
 
@@ -30,7 +31,7 @@ from jlora.errors import (
     AdapterWeightsError,
     UnsafeFormatError,
 )
-from jlora.hostio import count_nonfinite, read_ranges
+from jlora.hostio import read_ranges_checked
 from jlora.peft import PEFTConfig, matches_target
 from jlora.weights import LoRALayerWeights, LoRAModel
 
@@ -116,15 +117,19 @@ def load_adapter(
     target_dtype = None if dtype is None else jnp.dtype(dtype)
 
     try:
-        with safe_open(weights_file, framework="numpy") as f:
-            entries = _index_tensors(f, weights_file, peft_config, config)
-        tensors = _read_tensors(weights_file, entries)
+        with safe_open(weights_file, framework="numpy") as f:  # validates the header
+            keys = list(f.keys())
+        header, data_start = _read_header(weights_file)
+        entries = _index_tensors(keys, header, weights_file, peft_config, config)
+        tensors, nonfinite = _read_tensors(weights_file, header, data_start, entries)
     except (SafetensorError, EOFError) as e:
         raise AdapterWeightsError(
             f"{weights_file}: truncated or corrupt safetensors file ({e}); re-save the adapter"
         ) from None
     loras = {
-        module: _read_layer(tensors, weights_file, module, entry, peft_config, target_dtype)
+        module: _read_layer(
+            tensors, nonfinite, weights_file, module, entry, peft_config, target_dtype
+        )
         for module, entry in entries.items()
     }
     if not loras:
@@ -137,9 +142,18 @@ def load_adapter(
     )
 
 
-def _index_tensors(f, file: str, peft: PEFTConfig, config: LoRAConfig | None) -> dict:
+def _read_header(file: str) -> tuple[dict, int]:
+    """The safetensors header (already validated by ``safe_open``) and where the data starts."""
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(header_len)), 8 + header_len
+
+
+def _index_tensors(
+    keys, header: dict, file: str, peft: PEFTConfig, config: LoRAConfig | None
+) -> dict:
     entries: dict[str, _Entry] = {}
-    for key in f.keys():
+    for key in keys:
         stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if ".base_layer." in stripped:
             # PEFT's save_embedding_layers copies the base embedding / lm_head weights into
@@ -153,11 +167,10 @@ def _index_tensors(f, file: str, peft: PEFTConfig, config: LoRAConfig | None) ->
             )
         module, part, param = m["module"], m["part"], m["param"]
         entry = entries.setdefault(module, _Entry())
-        sl = f.get_slice(key)
-        dt = sl.get_dtype()
+        dt = header[key]["dtype"]
         if dt not in FLOAT_DTYPES:
             raise AdapterWeightsError(f"{file}: tensor {key!r} has dtype {dt}; expected a float")
-        entry.shapes[key] = tuple(sl.get_shape())
+        entry.shapes[key] = tuple(header[key]["shape"])
         if param == "bias":
             entry.bias = key
         elif part.endswith("A"):
@@ -216,35 +229,32 @@ def _check_shapes(file, module, e: _Entry, peft: PEFTConfig, config) -> None:
             )
 
 
-def _read_tensors(file: str, entries: dict[str, _Entry]) -> dict[str, np.ndarray]:
+def _read_tensors(file: str, header: dict, data_start: int, entries: dict[str, _Entry]):
     """The LoRA tensors of ``entries``, as read-only views of one aligned buffer holding only
-    their bytes (a file's other tensors, e.g. PEFT's copies of base embeddings, are not read).
-    The header was validated by ``safe_open`` already; this reads its offsets."""
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+    their bytes (a file's other tensors, e.g. PEFT's copies of base embeddings, are not read),
+    and each one's count of NaN/Inf values, taken as its bytes land."""
     keys = [k for e in entries.values() for k in (e.a, e.b, e.bias) if k is not None]
-    start = 8 + header_len
-    ranges = [tuple(start + o for o in header[k]["data_offsets"]) for k in keys]
-    buf, placed = read_ranges(file, ranges)
+    ranges = [tuple(data_start + o for o in header[k]["data_offsets"]) for k in keys]
+    dtypes = [np.dtype(FLOAT_DTYPES[header[k]["dtype"]]) for k in keys]
+    buf, placed, bad = read_ranges_checked(file, ranges, dtypes)
     buf.setflags(write=False)
     tensors = {}
-    for key, offset in zip(keys, placed, strict=True):
-        info = header[key]
-        dtype = np.dtype(FLOAT_DTYPES[info["dtype"]])
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        x = np.frombuffer(buf, dtype, count=count, offset=offset)
-        tensors[key] = x.reshape(info["shape"])
-    return tensors
+    for key, offset, dtype in zip(keys, placed, dtypes, strict=True):
+        shape = header[key]["shape"]
+        count = int(np.prod(shape, dtype=np.int64))
+        tensors[key] = np.frombuffer(buf, dtype, count=count, offset=offset).reshape(shape)
+    return tensors, dict(zip(keys, bad, strict=True))
 
 
-def _read_layer(tensors, file, module, e: _Entry, peft: PEFTConfig, dtype) -> LoRALayerWeights:
+def _read_layer(
+    tensors, nonfinite, file, module, e: _Entry, peft: PEFTConfig, dtype
+) -> LoRALayerWeights:
     arrays = {}
     for role, key in (("a", e.a), ("b", e.b), ("bias", e.bias)):
         if key is None:
             continue
         x = tensors[key]
-        bad = count_nonfinite(x)
+        bad = nonfinite[key]
         if bad:
             raise AdapterWeightsError(
                 f"{file}: module {module!r}: tensor {key!r} holds {bad} NaN/Inf values; "

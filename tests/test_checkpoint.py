@@ -157,3 +157,24 @@ def test_truncated_or_corrupt_buffers_are_refused(tmp_path, rng):
     os.remove(file)
     with pytest.raises(CheckpointError, match="no bytes where"):
         restore_adapter(path)
+
+
+def test_arrays_item_restores_through_orbax_too(tmp_path):
+    # restore_adapter reads the buffers straight from disk; orbax's own restore of the same item
+    # (through the registered handler) must give the same buffers.
+    import orbax.checkpoint as ocp
+
+    from jlora.checkpoint import ARRAYS_ITEM, _buffer_args, _checkpointer
+
+    model = jlora.load_adapter(ADAPTERS_DIR / "attn_r8")
+    path = save_adapter(model, tmp_path / "c")
+    with _checkpointer() as ckptr:
+        meta = ckptr.restore(path, ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+        sizes = meta[META_ITEM]["buffers"]
+        args = ocp.args.Composite(**{ARRAYS_ITEM: _buffer_args().restore(sizes)})
+        buffers = ckptr.restore(path, args)[ARRAYS_ITEM]
+    assert sorted(buffers) == sorted(sizes)
+    for key, (buf, bad) in buffers.items():
+        with open(_buffer_file(path, key), "rb") as f:
+            assert buf.tobytes() == f.read()
+        assert (buf.dtype.name, bad) == (key, 0)

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jlora.hostio import _CHECK_CHUNK, ALIGNMENT, count_nonfinite, read_ranges
+from jlora.hostio import _CHECK_CHUNK, ALIGNMENT, count_nonfinite, read_ranges, read_ranges_checked
 
 
 def test_read_ranges_places_every_range_aligned_and_merges_overlaps(tmp_path, rng):
@@ -52,3 +52,64 @@ def test_count_nonfinite_of_large_finite_values_and_integers():
     x = np.asarray([65504, -65504, 6e-8, -0.0], np.float16)  # max, min, subnormal: all finite
     assert count_nonfinite(x) == 0
     assert count_nonfinite(np.arange(10)) == 0
+
+
+@pytest.mark.parametrize("piece", [7, 100, 1 << 20])
+def test_read_ranges_checked_counts_each_range_as_numpy_does(tmp_path, rng, monkeypatch, piece):
+    from jlora import hostio
+
+    monkeypatch.setattr(hostio, "_READ_PIECE", piece)
+    dtypes = [np.float16, np.float32, ml_dtypes.bfloat16, np.float32, np.float16, np.float64]
+    arrays = [(rng.standard_normal(int(rng.integers(1, 90))) * 10).astype(d) for d in dtypes]
+    arrays += [np.zeros(0, np.float32), (rng.standard_normal(40) * 10).astype(np.float16)]
+    for x, bad in zip(arrays, [3, 0, 1, 0, 2, 1, 0, 0], strict=True):
+        x[rng.choice(x.size, bad, replace=False)] = np.nan if bad % 2 else np.inf
+    arrays[-1][-1] = -np.inf
+    # Junk between the tensors: NaN bit patterns in bytes no range covers must not count.
+    junk = np.full(8, np.nan, np.float32).tobytes()
+    data, ranges = b"", []
+    for x in arrays:
+        data += junk
+        ranges.append((len(data), len(data) + x.nbytes))
+        data += x.tobytes()
+    # Then neighbours with no junk between them (one run, counted as one array when they share
+    # a dtype): after the last float16 one (which holds an Inf), a clean float16 one, a float32
+    # one with a NaN and a clean float32 one.
+    tail = [
+        (rng.standard_normal(n) * 10).astype(d) for n, d in [(30, np.float16), (20, np.float32)]
+    ]
+    tail.append(tail[1].copy())
+    tail[1][5] = np.nan
+    for x in tail:
+        ranges.append((len(data), len(data) + x.nbytes))
+        data += x.tobytes()
+    arrays += tail
+    path = tmp_path / "t.bin"
+    path.write_bytes(data)
+    order = list(rng.permutation(len(ranges)))
+    got_buf, placed, bad = read_ranges_checked(
+        str(path), [ranges[i] for i in order], [arrays[i].dtype for i in order]
+    )
+    for k, i in enumerate(order):
+        x = arrays[i]
+        want = int(x.size - np.isfinite(x.astype(np.float64)).sum())
+        assert bad[k] == want, (i, piece)
+        view = np.frombuffer(got_buf, x.dtype, count=x.size, offset=placed[k])
+        np.testing.assert_array_equal(view.view(np.uint8), x.view(np.uint8))
+
+
+def test_read_ranges_checked_past_the_end_raises(tmp_path):
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"x" * 100)
+    with pytest.raises(EOFError, match="ends before byte 200"):
+        read_ranges_checked(str(path), [(50, 200)], [np.float32])
+
+
+def test_read_ranges_checked_overlapping_ranges(tmp_path):
+    x = np.asarray([1, 2, 3, np.nan, 4], np.float32)
+    path = tmp_path / "o.bin"
+    path.write_bytes(x.tobytes())
+    # The whole array, then a range inside it that ends before the NaN: each is counted alone.
+    _, placed, bad = read_ranges_checked(str(path), [(0, 20), (4, 12)], [np.float32] * 2)
+    assert bad == [1, 0]
+    assert placed == [0, 4]
