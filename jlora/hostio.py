@@ -1,14 +1,14 @@
-"""Host-side reads of adapter weights: one aligned buffer per file, filled by whole-range reads,
-and a NaN/Inf check by bit pattern. Shared by jlora.loader (PEFT safetensors) and
-jlora.checkpoint (jlora's own checkpoints). Imports numpy and ml_dtypes only.
+"""Host-side reads of adapter weights: one aligned buffer per file, filled by large reads, and a
+NaN/Inf check by bit pattern, run on each piece as it lands. Shared by jlora.loader (PEFT
+safetensors) and jlora.checkpoint (jlora's own checkpoints). Imports numpy and ml_dtypes only.
 
 Why aligned: ``jax.device_put`` of a numpy array on a CPU device aliases the host memory when it
 is 64-byte aligned and copies it otherwise (80 MB: 0.1 ms against 59 ms, BENCHMARKS.md), so
 tensors viewed out of an aligned buffer reach a device slot without an extra copy. Why one
-buffer: one ``readinto`` per contiguous range of the file instead of one allocation and copy per
-tensor (into fresh memory: 29.7 ms against 60.6 ms for a 7B rank-16 adapter; when the heap
-still holds chunks freed by an earlier load of the same file, per-tensor arrays reuse them and
-the one buffer is ~15% slower: BENCHMARKS.md).
+buffer: large ``readinto`` pieces of each contiguous range of the file instead of one
+allocation and copy per tensor (into fresh memory: 29.7 ms against 60.6 ms for a 7B rank-16
+adapter; when the heap still holds chunks freed by an earlier load of the same file,
+per-tensor arrays reuse them and the one buffer is ~15% slower: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,33 +38,25 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[start : start + nbytes]
 
 
-def read_ranges(path: str, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, list[int]]:
-    """Reads the byte ranges ``[begin, end)`` of ``path`` into one aligned buffer.
+def read_ranges_checked(
+    path: str, ranges: Sequence[tuple[int, int]], dtypes: Sequence[np.dtype]
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """Reads the byte ranges ``[begin, end)`` of ``path`` into one aligned buffer, counting
+    the NaN/Inf values of range ``i`` read as ``dtypes[i]`` (0 for integer dtypes).
 
-    Overlapping or touching ranges are merged and each merged run is read with one
-    ``readinto``; every run starts 64-byte aligned in the buffer. Returns the buffer and, per
-    input range, the offset of its first byte in the buffer.
+    Overlapping or touching ranges are merged into runs, each starting 64-byte aligned in the
+    buffer.
+    The runs are read in pieces of ``_READ_PIECE`` bytes and every range is counted as soon as
+    its last byte lands, while the piece is still in cache; neighbouring ranges of one dtype are
+    counted as one array (one call for a whole piece), and one by one only when that count is
+    not zero. 80 MB of float16: read then count 9.7-11.0 ms, in 1 MiB pieces 8.2-8.6 ms (256 KiB
+    and 4 MiB pieces were slower); with the 448 per-tensor calls gone too, the loader's
+    conversion of that adapter went from 18.4 to 14.7 ms (BENCHMARKS.md). Returns the buffer,
+    the offsets and the counts.
 
     Raises:
       EOFError: the file ends before a range does (it was truncated after it was checked).
     """
-    runs, placed, size = _plan(ranges)
-    buf = aligned_empty(size)
-    _fill(path, buf, runs)
-    return buf, placed
-
-
-def read_ranges_checked(
-    path: str, ranges: Sequence[tuple[int, int]], dtypes: Sequence[np.dtype]
-) -> tuple[np.ndarray, list[int], list[int]]:
-    """``read_ranges``, also counting the NaN/Inf values of range ``i`` read as ``dtypes[i]``.
-
-    The runs are read in pieces of ``_READ_PIECE`` bytes and every range is counted as soon as
-    its last byte lands, while the piece is still in cache; neighbouring ranges of one dtype are
-    counted as one array (one call for a whole piece), and one by one only when that count is
-    not zero. Against reading everything and then counting tensor by tensor: 80 MB of 448
-    float16 tensors, 9.7 -> 7.4 ms (BENCHMARKS.md). Returns the buffer, the offsets and the
-    counts. Raises EOFError as ``read_ranges`` does."""
     runs, placed, size = _plan(ranges)
     buf = aligned_empty(size)
     order = sorted(range(len(ranges)), key=lambda i: placed[i])

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jlora.hostio import _CHECK_CHUNK, ALIGNMENT, count_nonfinite, read_ranges, read_ranges_checked
+from jlora.hostio import _CHECK_CHUNK, ALIGNMENT, count_nonfinite, read_ranges_checked
 
 
 def test_read_ranges_places_every_range_aligned_and_merges_overlaps(tmp_path, rng):
@@ -16,7 +16,8 @@ def test_read_ranges_places_every_range_aligned_and_merges_overlaps(tmp_path, rn
     # Unsorted, overlapping, touching, empty and disjoint ranges.
     ranges = [(9000, 9100), (100, 300), (250, 400), (400, 410), (0, 7), (7000, 7000)]
     ranges.append((19990, 20000))
-    buf, placed = read_ranges(str(path), ranges)
+    buf, placed, bad = read_ranges_checked(str(path), ranges, [np.uint8] * len(ranges))
+    assert bad == [0] * len(ranges)
     assert buf.ctypes.data % ALIGNMENT == 0
     for (begin, end), offset in zip(ranges, placed, strict=True):
         assert bytes(buf[offset : offset + end - begin]) == data[begin:end]
@@ -24,13 +25,6 @@ def test_read_ranges_places_every_range_aligned_and_merges_overlaps(tmp_path, rn
     assert buf.size < 7 + 310 + 100 + 10 + 4 * ALIGNMENT
     for i in (0, 1, 4, 6):  # the first range of each run starts aligned
         assert (buf.ctypes.data + placed[i]) % ALIGNMENT == 0
-
-
-def test_read_ranges_past_the_end_raises(tmp_path):
-    path = tmp_path / "short.bin"
-    path.write_bytes(b"x" * 100)
-    with pytest.raises(EOFError, match="ends before byte 200"):
-        read_ranges(str(path), [(50, 200)])
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
