@@ -267,6 +267,36 @@ def test_activate_writes_padded_weights_scales_and_zero_slices(dtype):
         check_invariants(state, {1: a1, 2: a2})  # exact: no cast
 
 
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_peft_loads_take_the_torch_order_writer_and_fill_the_same_banks(name):
+    """A PEFT load holds transposed views; the slot writer then takes PyTorch's order (padded
+    to the bank rank on the host, transposed on the device; fixtures of rank 8 and 16 into rank
+    16 banks). The banks must equal those written
+    from C-ordered copies of the same adapter, which take the bank-order writer."""
+    cfg = jlora.LoRAConfig(max_loras=2, max_lora_rank=16, max_cpu_loras=2)
+    state = M.init_state(cfg, llama_targets())
+    loaded = jlora.load_adapter(ADAPTERS_DIR / name, adapter_id=1)
+    copied = loaded.clone(2).replace(
+        loras={
+            k: w.replace(
+                lora_a=np.ascontiguousarray(w.lora_a), lora_b=np.ascontiguousarray(w.lora_b)
+            )
+            for k, w in loaded.loras.items()
+        }
+    )
+    fitted = [M._fit(state.layout, m) for m in (loaded, copied)]
+    # (An adapter in another dtype than the banks is converted to contiguous arrays first.)
+    same_dtype = next(iter(loaded.loras.values())).lora_a.dtype == state.dtype
+    assert [M._slot_values(state.layout, m)[3] for m in fitted] == [same_dtype, False]
+    for m in (loaded, copied):
+        state = M.activate_adapter(M.add_adapter(state, m), m.id)
+    s1, s2 = state.slot_of(1), state.slot_of(2)
+    for target in state.targets:
+        for bank in state.banks[target.name]:
+            for leaf in (bank.a, bank.b, bank.scale):
+                np.testing.assert_array_equal(np.asarray(leaf[s1]), np.asarray(leaf[s2]))
+
+
 def test_mixed_batch_through_manager_matches_peft_outputs():
     """Every fixture adapter, loaded by request into packed qkv / gate_up banks, reproduces
     PEFT's per-module outputs; base rows stay untouched."""
