@@ -265,14 +265,27 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax
     Query head ``h`` uses KV head ``h // (H // K)``, as HF's ``repeat_kv``.
     """
     b, seq, h, d = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, seq, kv, h // kv, d)
-    scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    q = q.reshape(b, seq, kv, g, d)
+    # Both products are batched over (b, k) with the g * seq query rows of a KV head as one
+    # matrix: XLA:CPU then runs one matmul per (b, k) where, with (g, l) kept apart, it ran
+    # Eigen's batched dot over 4x more, far smaller ones. Per layer of the `jlora bench` model
+    # (32 rows, 8 KV heads x 2, 96 positions): probs @ v 1.01 -> 0.11 ms at decode, 7.5 -> 4.5
+    # ms at a 64-token prefill; q @ k 11.2 -> 5.6 ms at the prefill, while at decode (seq = 1)
+    # the einsum as written stays faster (0.28 vs 0.38 ms: q would need a transpose first).
+    if seq == 1:
+        scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+    else:
+        rows = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * seq, d)
+        scores = jnp.einsum("bkmd,bksd->bkms", rows, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv, g, seq, s)
     scores = scores * (d**-0.5)
     # A large finite fill (not -inf) keeps fully masked padding rows finite.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bksd->blkgd", probs, v)
+    out = jnp.einsum("bkms,bksd->bkmd", probs.reshape(b, kv, g * seq, s), v)
+    out = out.reshape(b, kv, g, seq, d).transpose(0, 3, 1, 2, 4)  # [b, l, k, g, d]
     return out.reshape(b, seq, h * d)
 
 
