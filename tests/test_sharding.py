@@ -184,9 +184,11 @@ def test_logits_and_kv_cache_stay_sharded(report, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_slot_writes_compile_once_per_bank_layout(report, name):
-    """About ten slot writes per case: at most one program each for the donating writer, the
-    copying writer and the slot clearer (none when an earlier case had the same layout)."""
-    assert case(report, name)["slot_writer_compiles"] <= 3
+    """About ten slot writes per case: at most one program each for the donating writer and
+    the copying writer in each input order (PyTorch's, for the float32 PEFT loads; the banks',
+    for the bfloat16 one, converted on the host) and one for the slot clearer; none when an
+    earlier case had the same layout."""
+    assert case(report, name)["slot_writer_compiles"] <= 5
 
 
 def test_lora_collectives_per_bank_layout(report):
