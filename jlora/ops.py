@@ -58,6 +58,9 @@ import pallas_kernels as pk
 from jlora.mapping import LoRAMapping
 from jlora.weights import LoRABank
 
+# Full float32 products, as in the kernels: a GPU's default would take TF32 for float32 operands.
+_EXACT = lax.Precision.HIGHEST
+
 __all__ = ["IMPLS", "OpsConfig", "add_lora", "add_lora_embedding"]
 
 IMPLS = ("auto", "pallas", "xla")
@@ -360,11 +363,15 @@ def _xla_blocks(
         return a_s, tuple((bi[slot], si[slot]) for bi, si in expand)
 
     def shrink_of(rows, a_s):  # [block_t, in] -> float32 h_i [block_t, R_i] per slice
-        return tuple(jnp.matmul(rows, ai, preferred_element_type=jnp.float32) for ai in a_s)
+        return tuple(
+            jnp.matmul(rows, ai, precision=_EXACT, preferred_element_type=jnp.float32) for ai in a_s
+        )
 
     def expand_of(hs, b_s):  # h_i per slice -> float32 [block_t, out]
         parts = [
-            jnp.matmul((h * si).astype(bi.dtype), bi, preferred_element_type=jnp.float32)
+            jnp.matmul(
+                (h * si).astype(bi.dtype), bi, precision=_EXACT, preferred_element_type=jnp.float32
+            )
             for h, (bi, si) in zip(hs, b_s, strict=True)
         ]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)

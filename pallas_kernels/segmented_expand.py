@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
+    EXACT_DOT,
     as_slices,
     cdiv,
     check_expand_args,
@@ -97,7 +98,7 @@ def _segmented_expand_kernel(
                     mask=r_ok[:, None] & col_ok[None, :],
                     other=0,
                 )  # [block_r, block_n]
-                return acc + plgpu.dot(ht.astype(bt.dtype), bt)
+                return acc + plgpu.dot(ht.astype(bt.dtype), bt, precision=EXACT_DOT)
 
             acc = jnp.zeros((block_t, block_n), jnp.float32)
             acc = lax.fori_loop(0, cdiv(rank, block_r), body, acc)

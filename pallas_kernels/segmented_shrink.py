@@ -23,7 +23,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import as_slices, cdiv, check_int_vector, pow2_at_least, slice_blocks
+from pallas_kernels._common import (
+    EXACT_DOT,
+    as_slices,
+    cdiv,
+    check_int_vector,
+    pow2_at_least,
+    slice_blocks,
+)
 from pallas_kernels.config import SegmentedConfig
 from pallas_kernels.segments import num_blocks_bound, segment_blocks, slots_of_sorted_positions
 
@@ -81,7 +88,7 @@ def _segmented_shrink_kernel(
                     mask=k_ok[:, None] & (cols < rank)[None, :],
                     other=0,
                 )  # [block_k, block_r]
-                return acc + plgpu.dot(xt.astype(at.dtype), at)
+                return acc + plgpu.dot(xt.astype(at.dtype), at, precision=EXACT_DOT)
 
             acc = jnp.zeros((block_t, block_r), jnp.float32)
             # Slot 0 ("no adapter") skips the reduction and stores zeros.

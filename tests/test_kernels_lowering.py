@@ -8,11 +8,14 @@ import functools
 
 import jax
 import pytest
+from jax._src.lib.triton import dialect as tt  # Triton's InputPrecision enum
+from jax.experimental import pallas as pl
 from kernel_cases import KERNEL_CASES, make_inputs
 
 import pallas_kernels as pk
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+TF32, IEEE = int(tt.InputPrecision.TF32), int(tt.InputPrecision.IEEE)
 CASES = {c.name: c for c in KERNEL_CASES}
 LOWERING_CASES = [
     CASES[name] for name in ("pattern_random", "bfloat16_qkv", "float16_qkv", "rank1", "rank64")
@@ -78,3 +81,25 @@ def test_expand_updates_y_in_place_when_lowered(rng):
     seg = (inp["sorted_token_ids"], inp["slot_counts"], inp["slot_starts"])
     module = lower_for_cuda(pk.segmented_expand, inp["y"], inp["h"], inp["b"], inp["scale"], *seg)
     assert "output_operand_aliases" in module or "operand_output_alias" in module
+
+
+@pytest.mark.parametrize("kernel", ["segmented_shrink", "segmented_expand"])
+@pytest.mark.parametrize("case_name", ["pattern_random", "bfloat16_qkv"])
+def test_float32_dots_lower_exact_not_tf32(kernel, case_name, rng, monkeypatch, capsys):
+    """plgpu.dot defaults to TF32 for float32 operands (~1e-3 off the float32 reference); the
+    kernels ask for "ieee". The Triton IR is printed by pallas_call(debug=True). Lowered under
+    the default matmul precision a user has, not conftest's "highest", which hid the TF32."""
+    monkeypatch.setattr(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))
+    case = CASES[case_name]
+    inp = make_inputs(case, rng)
+    fn, args = kernel_calls(case, inp, None, None)[kernel]
+    with jax.default_matmul_precision("default"):
+        lower_for_cuda(fn, *args)
+    dots = [line for line in capsys.readouterr().out.splitlines() if "tt.dot" in line]
+    assert dots, "no tt.dot in the printed Triton IR"
+    for line in dots:
+        # Printed as a name or as the enum's number, depending on the op's printer; the pretty
+        # form leaves out the default, which is IEEE.
+        assert "tf32" not in line and f"inputPrecision = {TF32} " not in line, line
+        if case_name == "pattern_random":  # float32 operands
+            assert "inputPrecision" not in line or f"inputPrecision = {IEEE} " in line, line
