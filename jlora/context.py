@@ -158,8 +158,8 @@ class LayerView:
     """How a layer's input and output map to PEFT's ``x [T, in]``, ``y [T, out]`` view.
 
     kinds:
-      ``"linear"``: contracts the listed input axes (``in_axes``, in kernel order; negative or
-        non-negative as the layer's ``axis``), output = remaining input dims + ``num_out_axes``
+      ``"linear"``: contracts the listed input axes (``in_axes``, as the layer's ``axis``: any
+        order, negative or not; like Flax, the kernel's input axes follow them sorted), output = remaining input dims + ``num_out_axes``
         trailing feature dims (``nnx.Linear``, ``LinearGeneral``, Linen ``Dense``/``DenseGeneral``).
       ``"einsum"``: ``einsum_str`` of the form ``"[...]<batch+contracted>,<kernel>-><...>"`` with
         no kernel batch dims; the kernel's ``[in, out]`` view is its contracted axes then its
@@ -181,7 +181,8 @@ class LayerView:
             xt = jnp.einsum(f"{p.lhs}->...{p.batch}{p.contracted}", x)
             n_in = math.prod(xt.shape[xt.ndim - len(p.contracted) :])
             return xt.reshape(-1, n_in)
-        axes = tuple(a % x.ndim for a in self.in_axes)
+        # Flax contracts the axes in sorted order, whatever order `axis` lists them in.
+        axes = tuple(sorted(a % x.ndim for a in self.in_axes))
         rest = tuple(a for a in range(x.ndim) if a not in axes)
         n_in = math.prod(x.shape[a] for a in axes)
         if axes != tuple(range(x.ndim - len(axes), x.ndim)):

@@ -298,6 +298,33 @@ def test_wrapped_layers_keep_slot0_rows_bitwise(layer, rng):
         assert (np.asarray(y[0]) != np.asarray(expected[0])).any() == (rows[0] == 1)
 
 
+@pytest.mark.parametrize("framework", ["nnx", "linen"])
+def test_general_layer_with_axes_out_of_order_equals_merged(framework, rng):
+    """Flax contracts ``axis`` in sorted order whatever order it is given in: (-1, -2) is
+    (-2, -1), and the LoRA must read the input features in that same order."""
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), jnp.float32)
+    if framework == "nnx":
+        model = nnx.LinearGeneral((4, 5), 6, axis=(-1, -2), rngs=nnx.Rngs(0))
+        wrapped = apply(model)
+        targets = find_targets(wrapped)
+    else:
+        model = nn.DenseGeneral(6, axis=(-1, -2))
+        variables = model.init(jax.random.key(0), x)
+        wrapped = apply(model, sample_args=(x,))
+        targets = wrapped.targets
+    adapter = random_adapter(rng, targets, 1)
+    state, mapping = serve(manager_with(targets, [adapter]), [1, None], seq_len=3)
+    if framework == "nnx":
+        y, base = nnx_forward(wrapped)(x, state.banks, mapping), model(x)
+        merged = merged_nnx(model, adapter)(x)
+    else:
+        y = linen_forward(wrapped, variables)(x, state.banks, mapping)
+        base, merged = model.apply(variables, x), model.apply(merged_linen(variables, adapter), x)
+    assert_close(y[0], merged[0])
+    assert_base_row(y[1], base[1])
+    assert np.abs(np.asarray(y[0] - base[0])).max() > 1e-3
+
+
 def test_nnx_adapter_churn_does_not_retrace(rng):
     model = NNXMLP(nnx.Rngs(1))
     wrapped = apply(model)
