@@ -159,8 +159,9 @@ class LayerView:
 
     kinds:
       ``"linear"``: contracts the listed input axes (``in_axes``, as the layer's ``axis``: any
-        order, negative or not; like Flax, the kernel's input axes follow them sorted), output = remaining input dims + ``num_out_axes``
-        trailing feature dims (``nnx.Linear``, ``LinearGeneral``, Linen ``Dense``/``DenseGeneral``).
+        order, negative or not; like Flax, the kernel's input axes follow them sorted), output =
+        remaining input dims + ``num_out_axes`` trailing feature dims (``nnx.Linear``,
+        ``LinearGeneral``, Linen ``Dense``/``DenseGeneral``).
       ``"einsum"``: ``einsum_str`` of the form ``"[...]<batch+contracted>,<kernel>-><...>"`` with
         no kernel batch dims; the kernel's ``[in, out]`` view is its contracted axes then its
         output axes, each group in kernel order, flattened.
