@@ -35,11 +35,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.errors import CheckpointError
+from jlora.errors import CheckpointError, LoRAError
 from jlora.hostio import count_nonfinite, read_ranges_checked
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 FORMAT = "jlora.adapter"
+# One buffer file per dtype, named by it (the names are checked on restore: they become paths).
+_BUFFER_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 FORMAT_VERSION = 2  # 1: buffers in tensorstore (orbax PyTree handler)
 ARRAYS_ITEM = "arrays"
 META_ITEM = "jlora_adapter"
@@ -110,6 +112,19 @@ def restore_adapter(path: str | os.PathLike) -> LoRAModel:
             f"{path}: not a jlora adapter checkpoint (no {META_ITEM!r} item); write one with "
             "jlora.save_adapter, or load a PEFT adapter directory with jlora.load_adapter"
         )
+    try:
+        return _restore(path, ocp)
+    except LoRAError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        # json errors are ValueErrors; the rest are metadata of the wrong shape
+        raise CheckpointError(
+            f"{path}: the checkpoint's metadata is corrupt ({type(e).__name__}: {e}); re-save "
+            "the adapter with jlora.save_adapter"
+        ) from None
+
+
+def _restore(path: str, ocp) -> LoRAModel:
     with _checkpointer() as ckptr:
         meta = ckptr.restore(path, ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[
             META_ITEM
@@ -184,6 +199,11 @@ def _read_buffers(directory: str, sizes: dict[str, int]) -> dict[str, tuple[np.n
     checked against the metadata before it is read."""
     out = {}
     for key, nbytes in sizes.items():
+        if key not in _BUFFER_DTYPES or not isinstance(nbytes, int) or nbytes < 0:
+            raise CheckpointError(
+                f"{directory}: metadata lists a buffer {key!r} of {nbytes!r} bytes; jlora writes "
+                f"one buffer per float dtype ({sorted(_BUFFER_DTYPES)}): re-save the adapter"
+            )
         file = os.path.join(directory, f"{key}.bin")
         if not os.path.isfile(file) or os.path.getsize(file) != nbytes:
             have = os.path.getsize(file) if os.path.isfile(file) else "no"
@@ -192,6 +212,10 @@ def _read_buffers(directory: str, sizes: dict[str, int]) -> dict[str, tuple[np.n
                 "the checkpoint is incomplete or corrupt, re-save it"
             )
         dtype = jnp.dtype(key)
+        if nbytes % dtype.itemsize:
+            raise CheckpointError(
+                f"{file}: {nbytes} bytes is not a whole number of {key} values; re-save it"
+            )
         buf, _, (bad,) = read_ranges_checked(file, [(0, nbytes)], [dtype])
         buf.setflags(write=False)
         out[key] = (buf.view(dtype), bad)
@@ -210,6 +234,11 @@ class _Packer:
             return None
         x = np.asarray(x)
         key = x.dtype.name
+        if key not in _BUFFER_DTYPES:
+            raise CheckpointError(
+                f"a LoRA tensor has dtype {key}; checkpoints hold {sorted(_BUFFER_DTYPES)}: "
+                "cast the adapter first (LoRAModel.optimize(dtype))"
+            )
         offset = self.sizes.get(key, 0)
         self.parts.setdefault(key, []).append(x.reshape(-1))
         self.sizes[key] = offset + x.size
@@ -240,6 +269,11 @@ class _Unpacker:
         if where is None:
             return None
         key, offset, shape = where
+        if not all(_is_count(n) for n in (offset, *shape)):
+            raise CheckpointError(
+                f"{self.path}: metadata places a tensor at offset {offset!r} with shape "
+                f"{shape!r}; the checkpoint is corrupt, re-save it"
+            )
         buf = self.buffers.get(key)
         size = math.prod(shape)
         if buf is None or offset + size > buf.size:  # buffers[key] has dtype key
@@ -265,6 +299,10 @@ class _Unpacker:
             scaling=m["scaling"],
             is_embedding=m["is_embedding"],
         )
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 __all__ = ["is_adapter_checkpoint", "restore_adapter", "save_adapter"]

@@ -97,11 +97,7 @@ def test_existing_path_needs_overwrite(tmp_path):
     assert restore_adapter(path).name == "renamed"
 
 
-def test_not_a_checkpoint_and_wrong_version_are_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="not a jlora adapter checkpoint"):
-        restore_adapter(ADAPTERS_DIR / "attn_r8")
-    assert not is_adapter_checkpoint(ADAPTERS_DIR / "attn_r8")
-    path = save_adapter(jlora.load_adapter(ADAPTERS_DIR / "layers_r4"), tmp_path / "c")
+def _meta_file(path) -> str:
     meta_files = [
         os.path.join(d, f)
         for d, _, files in os.walk(os.path.join(path, META_ITEM))
@@ -109,13 +105,78 @@ def test_not_a_checkpoint_and_wrong_version_are_refused(tmp_path):
         if not f.startswith(("_", "commit"))
     ]
     assert len(meta_files) == 1
-    with open(meta_files[0]) as f:
+    return meta_files[0]
+
+
+def _edit_meta(path, edit) -> None:
+    with open(_meta_file(path)) as f:
         meta = json.load(f)
-    meta["version"] = 99
-    with open(meta_files[0], "w") as f:
+    edit(meta)
+    with open(_meta_file(path), "w") as f:
         json.dump(meta, f)
+
+
+def test_not_a_checkpoint_and_wrong_version_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not a jlora adapter checkpoint"):
+        restore_adapter(ADAPTERS_DIR / "attn_r8")
+    assert not is_adapter_checkpoint(ADAPTERS_DIR / "attn_r8")
+    path = save_adapter(jlora.load_adapter(ADAPTERS_DIR / "layers_r4"), tmp_path / "c")
+    _edit_meta(path, lambda meta: meta.update(version=99))
     with pytest.raises(CheckpointError, match="version 99; this jlora reads 'jlora.adapter'"):
         restore_adapter(path)
+
+
+def _drop(key):
+    return lambda meta: meta.pop(key)
+
+
+def _set_tensor(i, value):
+    def edit(meta):
+        meta["modules"][0]["layers"][0]["a"][i] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (_drop("modules"), "metadata is corrupt (KeyError"),
+        (_drop("buffers"), "missing from the stored arrays"),
+        (_set_tensor(1, -10), "at offset -10"),
+        (_set_tensor(2, [3, -5]), "with shape [3, -5]"),
+        (_set_tensor(0, "../../x"), "missing from the stored arrays"),
+        (lambda meta: meta.update(buffers={"../x": 4}), "buffer '../x'"),
+        (lambda meta: meta.update(buffers={"float32": 6}), "not a whole number of float32"),
+        (lambda meta: meta["modules"][0].update(layers=5), "metadata is corrupt (TypeError"),
+    ],
+)
+def test_corrupt_metadata_is_a_checkpoint_error(tmp_path, edit, fragment):
+    path = save_adapter(jlora.load_adapter(ADAPTERS_DIR / "attn_r8"), tmp_path / "c")
+    if "whole number" in fragment:
+        with open(_buffer_file(path), "wb") as f:
+            f.write(b"\0" * 6)
+    _edit_meta(path, edit)
+    with pytest.raises(CheckpointError) as info:
+        restore_adapter(path)
+    assert fragment in str(info.value) and str(path) in str(info.value), str(info.value)
+
+
+def test_unreadable_metadata_json_is_a_checkpoint_error(tmp_path):
+    path = save_adapter(jlora.load_adapter(ADAPTERS_DIR / "attn_r8"), tmp_path / "c")
+    with open(_meta_file(path), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CheckpointError, match="metadata is corrupt"):
+        restore_adapter(path)
+
+
+def test_save_refuses_dtypes_it_cannot_name(tmp_path):
+    layer = LoRALayerWeights(
+        lora_a=np.ones((4, 2), jnp.float8_e4m3fn), lora_b=np.ones((2, 3), jnp.float8_e4m3fn)
+    )
+    model = LoRAModel(loras={"q": layer}, id=1, name="f8")
+    with pytest.raises(CheckpointError, match="float8_e4m3fn"):
+        save_adapter(model, tmp_path / "c")
+    assert not os.path.exists(tmp_path / "c")
 
 
 def test_save_refuses_non_models(tmp_path):
