@@ -64,10 +64,12 @@ import numpy as np
 from jlora.config import LoRAConfig
 from jlora.errors import (
     AdapterMismatchError,
+    AdapterWeightsError,
     CapacityError,
     DonatedStateError,
     UnknownAdapterError,
 )
+from jlora.hostio import count_nonfinite
 from jlora.mapping import LoRAMapping
 from jlora.request import LoRARequest
 from jlora.targets import TargetModule
@@ -513,8 +515,9 @@ class _Plan:
             adapter_id = entry.adapter_id
             if adapter_id in self.requests or adapter_id in self.cache:
                 self._check_same_request(entry)
-            else:
-                self.requests[adapter_id] = entry  # loaded when activated
+            # Loaded when activated; recorded for a cached adapter too, so that after an
+            # eviction it is reloaded from disk, as after add_adapter(request).
+            self.requests.setdefault(adapter_id, entry)
             return adapter_id
         adapter_id = _request_id(entry)
         if adapter_id != BASE_ID:
@@ -551,10 +554,13 @@ class _Plan:
                 "or remove the old one first"
             )
         request = self.requests.get(model.id)
-        if request is not None and model.name != request.name:
+        if request is not None and (
+            model.name != request.name
+            or (model.path is not None and _norm(model.path) != _norm(request.path))
+        ):
             raise AdapterMismatchError(
                 f"adapter id {model.id} is registered for {request.name!r} at {request.path}; "
-                f"{model.name!r} needs its own id"
+                f"{model.name!r} (path {model.path}) needs its own id"
             )
         self.insert(_fit(self.layout, model), protect)
 
@@ -722,13 +728,43 @@ def _fit(layout: _Layout, model: LoRAModel) -> LoRAModel:
                 )
             if layer.bias is not None:
                 raise AdapterMismatchError(
-                    f"{where}: carries a LoRA bias, which the slot banks do not hold; "
-                    "serve an adapter trained with bias='none'"
+                    f"{where}: carries a LoRA bias, which the slot banks do not hold; merge it "
+                    "into the base model (jlora.merge_adapter) or serve one trained with "
+                    "lora_bias=False"
                 )
     dtype = layout.dtype
     if all(_is_host_ready(x, dtype) for x in jax.tree.leaves(model)):
         return model
-    return model.optimize(dtype)
+    with np.errstate(over="ignore"):  # an overflow is refused below, naming the module
+        converted = model.optimize(dtype)
+    _check_cast(model, converted, dtype)
+    return converted
+
+
+def _check_cast(model: LoRAModel, converted: LoRAModel, dtype: np.dtype) -> None:
+    """Refuses values the cast to a narrower bank dtype turned into Inf (1e5 in float16)."""
+    top = jnp.finfo(dtype).max
+    for name, w in model.loras.items():
+        new = converted.loras[name]
+        pairs = zip(
+            w.slices if isinstance(w, PackedLoRALayerWeights) else (w,),
+            new.slices if isinstance(new, PackedLoRALayerWeights) else (new,),
+            strict=True,
+        )
+        for old_layer, new_layer in pairs:
+            if old_layer is None:
+                continue
+            for role in ("lora_a", "lora_b"):
+                old = getattr(old_layer, role)
+                if jnp.finfo(old.dtype).max <= top:
+                    continue
+                bad = count_nonfinite(getattr(new_layer, role)) - count_nonfinite(np.asarray(old))
+                if bad:
+                    raise AdapterWeightsError(
+                        f"adapter {model.name!r} (id {model.id}), module {name!r}: {role} has "
+                        f"{bad} values beyond the bank dtype {np.dtype(dtype).name}'s range (max "
+                        f"{top}); set LoRAConfig.lora_dtype to a wider dtype"
+                    )
 
 
 def _placements(layout: _Layout, model: LoRAModel, name: str, weights):

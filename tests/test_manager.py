@@ -20,7 +20,13 @@ import jlora
 from jlora import manager as M
 from jlora import reference
 from jlora.checkpoint import save_adapter
-from jlora.errors import AdapterMismatchError, CapacityError, MappingError, UnknownAdapterError
+from jlora.errors import (
+    AdapterMismatchError,
+    AdapterWeightsError,
+    CapacityError,
+    MappingError,
+    UnknownAdapterError,
+)
 from jlora.request import LoRARequest
 from jlora.targets import TargetModule
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
@@ -449,11 +455,47 @@ def test_same_request_twice_is_a_noop_and_same_id_other_path_is_refused():
         M.prepare_batch(state, [other], [1])
 
 
-def test_request_for_a_model_added_from_the_same_path_attaches_the_disk_tier():
+@pytest.mark.parametrize("via", ["add", "activate", "prepare_batch"])
+def test_request_for_a_model_added_from_the_same_path_attaches_the_disk_tier(via):
     disk = MemoryDisk({1: make_adapter(1, path="/mem/1")})
-    state = M.add_adapter(toy_state(load_fn=disk), make_adapter(1, path="/mem/1"))
-    state = M.add_adapter(state, disk.request(1))
+    state = M.add_adapter(
+        toy_state(load_fn=disk, max_loras=1, max_cpu_loras=1), make_adapter(1, path="/mem/1")
+    )
+    if via == "add":
+        state = M.add_adapter(state, disk.request(1))
+    elif via == "activate":
+        state = M.activate_adapter(state, disk.request(1))
+    else:
+        state, _ = M.prepare_batch(state, [disk.request(1)], [1])
     assert disk.loads == [] and 1 in state.requests
+    state = M.add_adapter(state, make_adapter(2))  # evicts 1 from the host cache
+    state = M.activate_adapter(state, 1)  # known by its request: reloaded, not forgotten
+    assert disk.loads == [1] and state.slot_of(1) is not None
+
+
+def test_model_with_the_id_of_a_request_from_another_path_is_refused():
+    disk = MemoryDisk({1: make_adapter(1, path="/mem/1")})
+    state = M.add_adapter(toy_state(load_fn=disk, max_loras=1, max_cpu_loras=1), disk.request(1))
+    state = M.add_adapter(state, make_adapter(2))  # 1 now known by its request only
+    snap = snapshot(state)
+    with pytest.raises(AdapterMismatchError, match="registered for 'a1' at /mem/1"):
+        M.add_adapter(state, make_adapter(1, path="/mem/other"))
+    assert_unchanged(state, snap)
+    state = M.add_adapter(state, make_adapter(1, path="/mem/1"))  # the same file: fine
+    assert 1 in state.cache
+
+
+def test_cast_that_overflows_the_bank_dtype_is_refused_with_the_module_named():
+    a = make_adapter(1)
+    big = a.loras["mlp.down"].lora_b.copy()
+    big[0, 0] = 1e5  # finite in float32, inf in float16
+    a = a.replace(loras={**a.loras, "mlp.down": a.loras["mlp.down"].replace(lora_b=big)})
+    state = toy_state(dtype=jnp.float16)
+    snap = snapshot(state)
+    with pytest.raises(AdapterWeightsError, match="module 'mlp.down': lora_b has 1 values beyond"):
+        M.add_adapter(state, a)
+    assert_unchanged(state, snap)
+    assert M.add_adapter(toy_state(dtype=jnp.bfloat16), a).cache[1].loras["mlp.down"] is not None
 
 
 # ---------------------------------------------------------------------------------------------

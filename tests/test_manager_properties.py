@@ -93,7 +93,9 @@ class LRUModel:
         self.slots[slot] = i
 
     def _register(self, i, by_request):
-        if by_request and not self.known(i):
+        # A request is remembered even for an adapter cached from a model of the same path, so
+        # that it can be reloaded after an eviction.
+        if by_request:
             self.disk.add(i)
 
     # operations ------------------------------------------------------------------------------
