@@ -28,7 +28,8 @@ class LoRAConfig:
       max_cpu_loras: adapters kept converted in the host cache (LRU); defaults to max_loras.
       lora_dtype: dtype of the device banks; "auto" keeps the base model's (or the adapter's).
       fully_sharded_loras: shard A along the rank dim too (S-LoRA style) when on a mesh.
-      bias_enabled: accept adapters trained with a LoRA bias (PEFT ``bias != "none"``).
+      bias_enabled: load adapters whose lora_B carries a bias (PEFT ``lora_bias=True``), for
+        ``jlora.merge_adapter``; slot banks hold no bias, so the manager refuses to serve them.
       target_modules: optional filter; only modules whose name matches are served.
 
     >>> LoRAConfig(max_loras=4, max_lora_rank=16).max_cpu_loras

@@ -31,7 +31,7 @@ from jlora.errors import (
     AdapterWeightsError,
     UnsafeFormatError,
 )
-from jlora.hostio import read_ranges_checked
+from jlora.hostio import count_nonfinite, read_ranges_checked
 from jlora.peft import PEFTConfig, matches_target
 from jlora.weights import LoRALayerWeights, LoRAModel
 
@@ -86,7 +86,7 @@ def load_adapter(
       adapter_id: id >= 1; default: stable hash of the absolute path.
       name: default: the directory's base name.
       config: serving limits to check against (max_lora_rank, bias_enabled, target_modules).
-      dtype: dtype of the converted arrays; default ``config.lora_dtype``, where "auto" (or no
+      dtype: dtype of the converted arrays; default ``config.lora_dtype``; "auto" (or no
         config) keeps each tensor's stored dtype.
 
     Raises:
@@ -112,9 +112,14 @@ def load_adapter(
         raise AdapterWeightsError(f"{weights_file}: not found; save the adapter with PEFT")
     if os.path.getsize(weights_file) == 0:
         raise AdapterWeightsError(f"{weights_file}: empty file; re-save the adapter")
-    if dtype is None and config is not None and config.lora_dtype != "auto":
+    if dtype is None and config is not None:
         dtype = config.lora_dtype
-    target_dtype = None if dtype is None else jnp.dtype(dtype)
+    try:
+        target_dtype = None if dtype in (None, "auto") else jnp.dtype(dtype)
+    except TypeError:
+        raise AdapterConfigError(
+            f"{path}: dtype={dtype!r} is not a dtype; pass e.g. 'float32', 'bfloat16' or 'auto'"
+        ) from None
 
     try:
         with safe_open(weights_file, framework="numpy") as f:  # validates the header
@@ -155,11 +160,18 @@ def _index_tensors(
     entries: dict[str, _Entry] = {}
     for key in keys:
         stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        if ".base_layer." in stripped:
+        if ".base_layer." in stripped and stripped.endswith(".weight"):
             # PEFT's save_embedding_layers copies the base embedding / lm_head weights into
             # the adapter when they are targeted; they belong to the base model, not the LoRA.
             continue
         m = _KEY.match(stripped)
+        if m is None and stripped.endswith(".bias"):
+            raise AdapterWeightsError(
+                f"{file}: tensor {key!r} is a retrained bias of the base model (PEFT "
+                f"bias={peft.bias!r}); it replaces the base model's bias, which one batch "
+                "cannot swap per request: merge the adapter into the base model "
+                "(PeftModel.merge_and_unload) or retrain with bias='none'"
+            )
         if m is None:
             raise AdapterWeightsError(
                 f"{file}: tensor {key!r} is not a LoRA weight (modules_to_save or another tuner?);"
@@ -171,12 +183,15 @@ def _index_tensors(
         if dt not in FLOAT_DTYPES:
             raise AdapterWeightsError(f"{file}: tensor {key!r} has dtype {dt}; expected a float")
         entry.shapes[key] = tuple(header[key]["shape"])
-        if param == "bias":
-            entry.bias = key
-        elif part.endswith("A"):
-            entry.a, entry.embedding = key, part.startswith("lora_embedding")
-        else:
-            entry.b = key
+        role = "bias" if param == "bias" else "a" if part.endswith("A") else "b"
+        if getattr(entry, role) is not None:
+            raise AdapterWeightsError(
+                f"{file}: module {module!r} has two {part}{'.bias' if role == 'bias' else ''} "
+                f"tensors ({getattr(entry, role)!r} and {key!r}); save one adapter per file"
+            )
+        setattr(entry, role, key)
+        if role == "a":
+            entry.embedding = part.startswith("lora_embedding")
     for module, e in entries.items():
         if e.a is None or e.b is None:
             have, miss = ("lora_A", "lora_B") if e.b is None else ("lora_B", "lora_A")
@@ -220,8 +235,9 @@ def _check_shapes(file, module, e: _Entry, peft: PEFTConfig, config) -> None:
     if e.bias is not None:
         if config is None or not config.bias_enabled:
             raise AdapterWeightsError(
-                f"{file}: module {module!r} carries a LoRA bias; use "
-                "LoRAConfig(bias_enabled=True) to serve it"
+                f"{file}: module {module!r} carries a LoRA bias (lora_B.bias), which multi-LoRA "
+                "slots do not serve; to merge the adapter into the base model instead "
+                "(jlora.merge_adapter), load it with LoRAConfig(bias_enabled=True)"
             )
         if e.shapes[e.bias] != (b[0],):
             raise AdapterWeightsError(
@@ -262,7 +278,18 @@ def _read_layer(
             )
         if role != "bias":
             x = x.T  # PyTorch [r, in] / [out, r] -> JAX [in, r] / [r, out], a view: no copy
-        arrays[role] = x if dtype is None else x.astype(dtype, copy=False)
+        if dtype is not None and dtype != x.dtype:
+            with np.errstate(over="ignore"):  # counted below, and refused with the module named
+                x = x.astype(dtype)
+            if jnp.finfo(dtype).max < jnp.finfo(tensors[key].dtype).max:
+                bad = count_nonfinite(x)
+                if bad:
+                    raise AdapterWeightsError(
+                        f"{file}: module {module!r}: tensor {key!r} has {bad} values beyond "
+                        f"{np.dtype(dtype).name}'s range (max {jnp.finfo(dtype).max}); load it "
+                        "in a wider dtype (LoRAConfig.lora_dtype)"
+                    )
+        arrays[role] = x
     return LoRALayerWeights(
         lora_a=arrays["a"],
         lora_b=arrays["b"],

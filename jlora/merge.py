@@ -20,10 +20,12 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
 
     Linear-like layers add ``scaling * lora_a @ lora_b`` to their ``[in, out]`` kernel (into the
     slice's columns for a fused projection); embeddings add ``scaling * lora_a @ lora_b`` to their
-    ``[vocab, dim]`` table. The input model is left unchanged.
+    ``[vocab, dim]`` table; a LoRA bias (PEFT ``lora_bias``) adds ``scaling * bias`` to the layer's
+    bias. The input model is left unchanged.
 
     Raises:
-      AdapterMismatchError: an adapter module with no layer in the model, or dims that differ.
+      AdapterMismatchError: an adapter module with no layer in the model, dims that differ, or a
+        LoRA bias for a layer without one.
     """
     targets = find_targets(apply(model))
     where = {p: (t, j) for t in targets for j, p in enumerate(t.peft_names)}
@@ -58,5 +60,19 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
         offset = target.slice_offsets[j]
         delta = layer.delta_weight().astype(jnp.float32)
         flat = flat.at[:, offset : offset + width].add(delta.astype(flat.dtype))
+        if layer.bias is not None:  # PEFT's lora_bias: y += scaling * (x @ A @ B + bias)
+            _merge_bias(module, target.name, offset, width, layer.scaling * layer.bias)
         param.set_value(flat.reshape(value.shape))
     return merged
+
+
+def _merge_bias(module, name: str, offset: int, width: int, delta) -> None:
+    bias = getattr(module, "bias", None)
+    if bias is None or bias.get_value() is None:
+        raise AdapterMismatchError(
+            f"layer {name!r} has no bias to merge the adapter's LoRA bias into; build the layer "
+            "with use_bias=True"
+        )
+    value = bias.get_value()
+    flat = value.reshape(-1).at[offset : offset + width].add(jnp.asarray(delta, value.dtype))
+    bias.set_value(flat.reshape(value.shape))

@@ -21,6 +21,19 @@ from jlora.config import LoRAConfig
 from jlora.errors import AdapterConfigError
 
 CONFIG_NAME = "adapter_config.json"
+# PEFT LoRA options that change what the adapter computes at inference in ways a slot of A, B and
+# a scale cannot hold; an adapter that sets one is refused rather than served wrong.
+UNSUPPORTED = {
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after its invocation tokens",
+    "layer_replication": "layer_replication builds a deeper model than the base",
+    "target_parameters": "target_parameters adapts nn.Parameters (e.g. MoE experts), not layers",
+    "trainable_token_indices": "trainable_token_indices retrains embedding rows",
+    "use_qalora": "QALoRA pools its input features",
+    "arrow_config": "Arrow routes between several adapters per token",
+    "kasa_config": "KaSA truncates the base weight's singular values and scales between A and B",
+    "monteclora_config": "MonteCLoRA samples its LoRA factors",
+    "use_bdlora": "BD-LoRA stores block-diagonal factors",
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,6 +57,9 @@ class PEFTConfig:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     fan_in_fan_out: bool = False
+    exclude_modules: tuple[str, ...] | str | None = None
+    lora_bias: bool = False
+    unsupported: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     peft_type: str = "LORA"
     base_model_name_or_path: str | None = None
     source: str = "<dict>"  # where the config came from, for error messages
@@ -76,6 +92,9 @@ class PEFTConfig:
         pattern = raw.get("layers_pattern")
         if isinstance(pattern, str):
             pattern = (pattern,)
+        exclude = raw.get("exclude_modules")
+        if isinstance(exclude, list | tuple):
+            exclude = tuple(str(t) for t in exclude)
         try:
             return cls(
                 r=raw["r"],
@@ -90,6 +109,9 @@ class PEFTConfig:
                 layers_to_transform=tuple(layers) if layers else None,
                 layers_pattern=tuple(pattern) if pattern else None,
                 fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+                exclude_modules=exclude or None,
+                lora_bias=bool(raw.get("lora_bias", False)),
+                unsupported={k: raw[k] for k in UNSUPPORTED if raw.get(k)},
                 peft_type=str(raw.get("peft_type") or "LORA"),
                 base_model_name_or_path=raw.get("base_model_name_or_path"),
                 source=source,
@@ -119,7 +141,11 @@ class PEFTConfig:
         """Whether PEFT would wrap ``module_name`` (suffix list or full-match regex, with
         ``layers_to_transform``)."""
         return matches_target(
-            module_name, self.target_modules, self.layers_to_transform, self.layers_pattern
+            module_name,
+            self.target_modules,
+            self.layers_to_transform,
+            self.layers_pattern,
+            self.exclude_modules,
         )
 
     def rank_for(self, module_name: str) -> int:
@@ -149,17 +175,23 @@ class PEFTConfig:
         ]:
             if not _is_int(r) or r <= 0:
                 problems.append(f"{name} must be a positive int, got {r!r}")
-            elif config is not None and r > config.max_lora_rank:
-                problems.append(
-                    f"{name}={r} exceeds max_lora_rank={config.max_lora_rank}; "
-                    "raise LoRAConfig.max_lora_rank"
-                )
         for name, a in [
             ("lora_alpha", self.lora_alpha),
             *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()),
         ]:
-            if isinstance(a, bool) or not isinstance(a, int | float) or not a > 0:
-                problems.append(f"{name} must be a positive number, got {a!r}")
+            if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < math.inf:
+                problems.append(f"{name} must be a positive finite number, got {a!r}")
+        for field_name, patterns in (
+            ("rank_pattern", self.rank_pattern),
+            ("alpha_pattern", self.alpha_pattern),
+        ):
+            for key in patterns:
+                try:
+                    re.compile(_pattern_regex(key))
+                except (re.error, TypeError) as e:
+                    problems.append(f"{field_name} key {key!r} is not a valid regex: {e}")
+        for key, value in self.unsupported.items():
+            problems.append(f"{key}={value!r}: {UNSUPPORTED[key]}, which jlora does not serve")
         if self.modules_to_save:
             problems.append(
                 f"modules_to_save={list(self.modules_to_save)} holds fully trained modules, which "
@@ -167,13 +199,20 @@ class PEFTConfig:
             )
         if self.use_dora:
             problems.append("use_dora=True (DoRA) is not supported; merge the adapter instead")
+        # bias='all' / 'lora_only' retrain the base model's own biases: the loader refuses the
+        # tensors if the file holds any (a model without biases, like Llama, saves none).
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias={self.bias!r} is not one of 'none', 'all', 'lora_only'")
-        elif self.bias != "none" and (config is None or not config.bias_enabled):
+        if self.lora_bias and (config is None or not config.bias_enabled):
             problems.append(
-                f"bias={self.bias!r} needs LoRAConfig(bias_enabled=True): the adapter trained "
-                "a bias"
+                "lora_bias=True: lora_B carries a bias, which multi-LoRA slots do not serve; "
+                "load it with LoRAConfig(bias_enabled=True) to merge it (jlora.merge_adapter)"
             )
+        if isinstance(self.exclude_modules, str):
+            try:
+                re.compile(self.exclude_modules)
+            except re.error as e:
+                problems.append(f"exclude_modules regex {self.exclude_modules!r} is invalid: {e}")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -192,15 +231,18 @@ def matches_target(
     target_modules: tuple[str, ...] | str,
     layers_to_transform: tuple[int, ...] | None = None,
     layers_pattern: tuple[str, ...] | None = None,
+    exclude_modules: tuple[str, ...] | str | None = None,
 ) -> bool:
     """PEFT's ``check_target_module_exists``: a regex string must match the whole name; a list
-    matches a name equal to an entry or ending in ``.<entry>``, optionally restricted to layer
-    indices."""
+    matches a name equal to an entry (whatever its layer) or ending in ``.<entry>``, optionally
+    restricted to layer indices; ``exclude_modules`` (same two forms) wins over both."""
+    if _listed(module_name, exclude_modules):
+        return False
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, module_name) is not None
-    found = module_name in target_modules or any(
-        module_name.endswith(f".{t}") for t in target_modules
-    )
+    if module_name in target_modules:
+        return True
+    found = any(module_name.endswith(f".{t}") for t in target_modules)
     if not found or not layers_to_transform:
         return found
     match = None
@@ -214,10 +256,23 @@ def matches_target(
     return match is not None and int(match.group("idx")) in layers_to_transform
 
 
+def _listed(module_name: str, names: tuple[str, ...] | str | None) -> bool:
+    if not names:
+        return False
+    if isinstance(names, str):
+        return re.fullmatch(names, module_name) is not None
+    return module_name in names or any(module_name.endswith(f".{n}") for n in names)
+
+
+def _pattern_regex(key: str) -> str:
+    # PEFT's get_pattern_key: a key matches a dotted suffix of the module name.
+    return rf"(.*\.)?({key})$"
+
+
 def _pattern_value(patterns: Mapping[str, Any], module_name: str, default):
-    # PEFT's get_pattern_key: the first key that matches a dotted suffix of the name wins.
+    # The first key that matches wins, as in PEFT.
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if re.match(_pattern_regex(key), module_name):
             return value
     return default
 

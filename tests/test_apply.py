@@ -14,6 +14,7 @@ from jlora.apply import LoRALinenModel, apply, find_targets, linen_path_to_name
 from jlora.config import LoRAConfig
 from jlora.context import einsum_kernel_view, lora_context, padded_batch_mapping
 from jlora.errors import AdapterMismatchError, MappingError
+from jlora.merge import merge_adapter
 from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel
 
 # --------------------------------------------------------------------------------------------
@@ -553,3 +554,21 @@ def test_padded_batch_mapping_layout():
     assert m.seq_slots.tolist() == [2, 1, 0, 0]
     with pytest.raises(MappingError, match="do not fit num_seqs=1"):
         padded_batch_mapping([2, 1], 3, num_slots=3, num_seqs=1)
+
+
+def test_merge_adds_a_lora_bias_like_peft(rng):
+    """PEFT's lora_bias merge: W += scaling * A @ B and bias += scaling * lora_B.bias."""
+    layer = LoRALayerWeights(
+        lora_a=rng.standard_normal((6, 2)).astype(np.float32),
+        lora_b=rng.standard_normal((2, 4)).astype(np.float32),
+        bias=rng.standard_normal(4).astype(np.float32),
+        module_name="",
+        scaling=1.5,
+    )
+    adapter = LoRAModel(loras={"": layer}, id=1, name="biased")
+    x = jnp.asarray(rng.standard_normal((3, 6)), jnp.float32)
+    model = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+    expected = model(x) + 1.5 * (x @ layer.lora_a @ layer.lora_b + layer.bias)
+    assert_close(merge_adapter(model, adapter)(x), expected)
+    with pytest.raises(AdapterMismatchError, match="no bias to merge"):
+        merge_adapter(nnx.Linear(6, 4, use_bias=False, rngs=nnx.Rngs(0)), adapter)

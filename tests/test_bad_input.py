@@ -105,13 +105,80 @@ def test_nonpositive_rank(adapter, r):
 
 def test_rank_above_max_lora_rank(adapter):
     config = jlora.LoRAConfig(max_loras=2, max_lora_rank=4)
-    expect(AdapterConfigError, adapter, "r=8 exceeds max_lora_rank=4", config=config)
+    expect(
+        AdapterMismatchError, adapter, "module ", "rank 8 exceeds max_lora_rank=4", config=config
+    )
+
+
+def test_unused_default_rank_above_max_lora_rank_is_no_obstacle(adapter):
+    """Every module's rank comes from rank_pattern: the default r applies to none of them."""
+    edit_config(adapter, r=64, rank_pattern={f"{p}_proj": 8 for p in "qkvo"})
+    config = jlora.LoRAConfig(max_loras=2, max_lora_rank=8)
+    assert jlora.load_adapter(adapter, config=config).rank == 8
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_invalid_pattern_regex(adapter, field):
+    edit_config(adapter, **{field: {"q_[proj": 8}})
+    expect(AdapterConfigError, adapter, "adapter_config.json", f"{field} key 'q_[proj'", "regex")
+
+
+@pytest.mark.parametrize("field", ["lora_alpha", "alpha_pattern"])
+def test_infinite_alpha(adapter, field):
+    (adapter / "adapter_config.json").write_text(
+        (adapter / "adapter_config.json")
+        .read_text()
+        .replace('"lora_alpha": 16', '"lora_alpha": Infinity')
+        .replace('"alpha_pattern": {}', '"alpha_pattern": {"q_proj": Infinity}')
+    )
+    if field == "alpha_pattern":
+        edit_config(adapter, lora_alpha=16)
+    expect(AdapterConfigError, adapter, "positive finite number, got inf")
+
+
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("alora_invocation_tokens", [5, 6], "aLoRA"),
+        ("layer_replication", [[0, 2], [1, 2]], "deeper model"),
+        ("target_parameters", ["mlp.experts.down_proj"], "nn.Parameters"),
+        ("kasa_config", {"foo": 1}, "KaSA"),
+    ],
+)
+def test_peft_options_that_change_inference_are_refused(adapter, field, value, fragment):
+    edit_config(adapter, **{field: value})
+    expect(AdapterConfigError, adapter, "adapter_config.json", field, fragment)
+
+
+def test_dtype_auto_keeps_stored_dtype_and_bad_dtype_is_named(adapter):
+    stored = jlora.load_adapter(adapter)
+    auto = jlora.load_adapter(adapter, dtype="auto")
+    assert auto.get_lora(MODULE).lora_a.dtype == stored.get_lora(MODULE).lora_a.dtype
+    expect(AdapterConfigError, adapter, "dtype='floaty'", dtype="floaty")
+
+
+def test_cast_to_a_narrower_dtype_that_overflows_names_the_tensor(adapter):
+    def overflow(t):
+        t[A_KEY] = t[A_KEY].astype(np.float32)
+        t[A_KEY][0, 0] = 1e5  # finite in float32, inf in float16
+
+    edit_tensors(adapter, overflow)
+    expect(AdapterWeightsError, adapter, MODULE, A_KEY, "float16's range", dtype="float16")
+    assert jlora.load_adapter(adapter, dtype="float32").get_lora(MODULE).lora_a[0, 0] == 1e5
+
+
+def test_duplicate_module_tensors_refused(adapter):
+    def duplicate(t):
+        t[A_KEY.replace(".weight", ".other.weight")] = t[A_KEY]
+
+    edit_tensors(adapter, duplicate)
+    expect(AdapterWeightsError, adapter, MODULE, "two lora_A tensors")
 
 
 @pytest.mark.parametrize("alpha", [0, -1.5])
 def test_nonpositive_alpha(adapter, alpha):
     edit_config(adapter, lora_alpha=alpha)
-    expect(AdapterConfigError, adapter, "lora_alpha must be a positive number")
+    expect(AdapterConfigError, adapter, "lora_alpha must be a positive finite number")
 
 
 def test_every_config_problem_reported_at_once(adapter):
@@ -146,15 +213,37 @@ def test_use_dora(adapter):
     expect(AdapterConfigError, adapter, "DoRA")
 
 
-def test_bias_without_bias_enabled(adapter):
-    edit_config(adapter, bias="lora_only")
-    expect(AdapterConfigError, adapter, "bias='lora_only'", "bias_enabled=True")
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_base_biases_refused_and_none_saved_is_fine(adapter, bias):
+    """bias='all'/'lora_only' retrain the base model's biases; a model without any (Llama)
+    saves none, and then there is nothing to refuse."""
+    edit_config(adapter, bias=bias)
+    assert jlora.load_adapter(adapter).rank == 8
+    key = A_KEY.replace("lora_A.weight", "base_layer.bias")
 
+    def add_bias(t):
+        t[key] = np.ones(t[B_KEY].shape[0], t[B_KEY].dtype)
 
-def test_bias_accepted_when_enabled(adapter):
-    edit_config(adapter, bias="lora_only")
+    edit_tensors(adapter, add_bias)
     config = jlora.LoRAConfig(max_loras=2, max_lora_rank=8, bias_enabled=True)
-    assert jlora.load_adapter(adapter, config=config).rank == 8
+    expect(AdapterWeightsError, adapter, key, f"bias={bias!r}", "merge", config=config)
+
+
+def test_lora_bias_loads_for_merging_only(adapter):
+    key = B_KEY.replace(".weight", ".bias")
+
+    def add_bias(t):
+        t[key] = np.full(t[B_KEY].shape[0], 0.5, t[B_KEY].dtype)
+
+    edit_tensors(adapter, add_bias)
+    edit_config(adapter, lora_bias=True)
+    expect(AdapterConfigError, adapter, "lora_bias=True", "bias_enabled=True")
+    edit_config(adapter, lora_bias=False)  # a config that hides it: the tensor still counts
+    expect(AdapterWeightsError, adapter, MODULE, "LoRA bias", "bias_enabled=True")
+    edit_config(adapter, lora_bias=True)
+    config = jlora.LoRAConfig(max_loras=2, max_lora_rank=8, bias_enabled=True)
+    layer = jlora.load_adapter(adapter, config=config).get_lora(MODULE)
+    np.testing.assert_array_equal(layer.bias, 0.5)
 
 
 def test_truncated_safetensors(adapter):

@@ -130,6 +130,19 @@ class TestPEFTConfig:
         assert matches_target("model.layers.1.self_attn.q_proj", ("q_proj",), (1,))
         assert not matches_target("model.layers.0.self_attn.q_proj", ("q_proj",), (1,))
 
+    def test_exact_name_ignores_layer_filter_and_exclude_wins(self):
+        # as peft.tuners.tuners_utils.check_target_module_exists (PEFT 0.21)
+        name = "model.layers.0.self_attn.q_proj"
+        assert matches_target(name, (name,), (1,))
+        cfg = PEFTConfig.from_dict(
+            {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}
+        )
+        assert not cfg.targets(name)
+        cfg = PEFTConfig.from_dict(
+            {"r": 4, "lora_alpha": 8, "target_modules": ".*proj", "exclude_modules": r".*\.0\..*"}
+        )
+        assert not cfg.targets(name) and cfg.targets(name.replace(".0.", ".1."))
+
     def test_regex_is_full_match(self):
         rx = r".*\.(q_proj|v_proj)$"
         assert matches_target("model.layers.3.self_attn.v_proj", rx)
