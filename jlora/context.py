@@ -133,6 +133,11 @@ def padded_batch_mapping(
     [2, 2, 2, 2, 0, 0, 0, 0, 1, 1, 1, 1]
     """
     slots = np.asarray(seq_slots)
+    if slots.ndim != 1 or not (slots.size == 0 or np.issubdtype(slots.dtype, np.integer)):
+        raise MappingError(
+            f"seq_slots must be a 1-D sequence of int slot indices, got {slots.dtype} "
+            f"{slots.shape}"
+        )
     b = len(slots) if num_seqs is None else int(num_seqs)
     if b < len(slots):
         raise MappingError(f"{len(slots)} sequences do not fit num_seqs={b}")

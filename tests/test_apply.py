@@ -554,6 +554,9 @@ def test_padded_batch_mapping_layout():
     assert m.seq_slots.tolist() == [2, 1, 0, 0]
     with pytest.raises(MappingError, match="do not fit num_seqs=1"):
         padded_batch_mapping([2, 1], 3, num_slots=3, num_seqs=1)
+    for bad in ([1.9, 0], [[1, 2]]):  # a float slot must not round down to another adapter
+        with pytest.raises(MappingError, match="1-D sequence of int slot indices"):
+            padded_batch_mapping(bad, 3, num_slots=3)
 
 
 def test_merge_adds_a_lora_bias_like_peft(rng):
