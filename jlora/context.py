@@ -135,8 +135,7 @@ def padded_batch_mapping(
     slots = np.asarray(seq_slots)
     if slots.ndim != 1 or not (slots.size == 0 or np.issubdtype(slots.dtype, np.integer)):
         raise MappingError(
-            f"seq_slots must be a 1-D sequence of int slot indices, got {slots.dtype} "
-            f"{slots.shape}"
+            f"seq_slots must be a 1-D sequence of int slot indices, got {slots.dtype} {slots.shape}"
         )
     b = len(slots) if num_seqs is None else int(num_seqs)
     if b < len(slots):

@@ -34,7 +34,7 @@ from jlora import manager
 from jlora.apply import apply, find_targets
 from jlora.config import LoRAConfig
 from jlora.context import lora_context, padded_batch_mapping
-from jlora.errors import LoRAConfigError
+from jlora.errors import CapacityError, LoRAConfigError
 from jlora.mapping import token_bucket
 from jlora.models.llama import KVCache
 from jlora.request import LoRARequest
@@ -57,7 +57,8 @@ class RequestOutput:
 
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
-    """Counters of the last ``generate`` call (compile time is excluded from ``*_s``)."""
+    """Counters of the last ``generate`` call. ``wall_s`` includes any compile that call
+    triggered: run ``Engine.warmup`` first to time serving alone."""
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -134,8 +135,13 @@ class Engine:
         max_batch: int = 32,
         max_seq_len: int = 256,
     ):
-        if max_batch < 1 or max_batch & (max_batch - 1):
-            raise LoRAConfigError(f"max_batch must be a power of two >= 1, got {max_batch}")
+        if not _is_int(max_batch) or max_batch < 1 or max_batch & (max_batch - 1):
+            raise LoRAConfigError(f"max_batch must be a power of two >= 1, got {max_batch!r}")
+        if not _is_int(max_seq_len) or max_seq_len < token_bucket(1) + 1:
+            raise LoRAConfigError(
+                f"max_seq_len must be an int >= {token_bucket(1) + 1} (the smallest prompt bucket "
+                f"plus one new token), got {max_seq_len!r}"
+            )
         self.config = lora_config
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
@@ -171,11 +177,14 @@ class Engine:
         step and one prefill per rows bucket (1, 2, 4, ..., ``max_batch``) per prompt-length
         bucket. Returns the seconds it took. Serving loops call it once, before traffic."""
         start = time.perf_counter()
-        for length in sorted({token_bucket(n) for n in prompt_lengths}):
+        for bucket in sorted({token_bucket(n) for n in prompt_lengths}):
+            # The shortest prompt of the bucket, so that its 2 new tokens fit max_seq_len.
+            length = next(n for n in range(1, bucket + 1) if token_bucket(n) == bucket)
+            if bucket > self.max_seq_len or length + 2 > self.max_seq_len:
+                continue  # generate refuses such prompts: nothing to compile
             rows = 1
             while rows <= self.max_batch:
-                prompt = [0] * min(length, self.max_seq_len - 1)
-                self.generate([prompt] * rows, None, SamplingParams(max_tokens=2))
+                self.generate([[0] * length] * rows, None, SamplingParams(max_tokens=2))
                 rows *= 2
         return time.perf_counter() - start
 
@@ -225,6 +234,12 @@ class Engine:
         requests_by_id = {r.adapter_id: r for r in lora_requests if r is not None}
         while waiting or any(rows):
             admitted = self._admit(waiting, rows)
+            if not admitted and not any(rows):
+                raise CapacityError(
+                    f"requests for adapters {sorted({q.adapter_id for q in waiting})} cannot run: "
+                    f"all max_loras={self.config.max_loras} slots are pinned by "
+                    f"{sorted(self.state.pinned)}; unpin one (or raise max_loras)"
+                )
             row_adapters = [s.adapter_id if s else BASE for s in rows]
             self.state, decode_mapping = manager.prepare_batch(
                 self.state,
@@ -276,13 +291,14 @@ class Engine:
         """
         pinned = self.state.pinned
         in_use = {s.adapter_id for s in rows if s is not None} - {BASE}
-        room = self.config.max_loras - len(pinned - in_use)
         free = [r for r, s in enumerate(rows) if s is None]
         admitted, skipped = [], []
         while waiting and free:
             seq = waiting.popleft()
             a = seq.adapter_id
-            if a != BASE and a not in in_use and len(in_use) >= room:
+            # Slots held: adapters of running or admitted rows, and pinned ones (counted once).
+            held = in_use | pinned
+            if a != BASE and a not in held and len(held) >= self.config.max_loras:
                 skipped.append(seq)
                 continue
             if a != BASE:
@@ -432,3 +448,7 @@ def _decode_step(
         )
     tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, steps)
     return tokens, logprobs, cache
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)

@@ -8,9 +8,11 @@ tokens it has generated, never on which other requests share the batch. Imports 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jlora.errors import LoRAConfigError
@@ -39,16 +41,22 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         problems = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        stops = self.stop_token_ids
+        if isinstance(stops, int | str | bytes) or not all(_is_int(t) for t in _iter(stops)):
+            problems.append(f"stop_token_ids must be a sequence of ints, got {stops!r}")
+        else:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             problems.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            problems.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k < 2**31:
             problems.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if problems:
             raise LoRAConfigError("Invalid SamplingParams: " + "; ".join(problems))
 
@@ -117,3 +125,18 @@ def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     keep = (rank < k) & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
     rows = jnp.arange(batch)[:, None]
     return jnp.zeros((batch, vocab), bool).at[rows, order].set(keep)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _iter(v):
+    try:
+        return list(v)
+    except TypeError:
+        return [None]  # not iterable: fails the int check

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import ADAPTERS_DIR
 
 import jlora
@@ -16,6 +17,19 @@ def test_demo_serves_a_mixed_batch(capsys):
     for name in ("sql", "chat", "code", "math", "poems", "legal", "(base)"):
         assert name in out
     assert "differs" in out and "same" in out and "tokens/s" in out
+
+
+def test_demo_refuses_max_tokens_below_one(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--max-tokens", "0"])
+    assert "must be an int >= 1" in capsys.readouterr().err
+
+
+def test_convert_to_an_unwritable_path_is_an_error_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["convert", str(ADAPTERS_DIR / "attn_r8"), str(blocker / "out")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
 
 
 def test_bench_quick_json(capsys):

@@ -11,6 +11,7 @@ from conftest import ADAPTERS_DIR, FIXTURES
 from flax import nnx
 
 import jlora
+from jlora import manager
 from jlora.engine import Engine
 from jlora.merge import merge_adapter
 from jlora.models import llama
@@ -150,3 +151,40 @@ def test_stop_tokens_and_streaming(engine):
 def test_bad_requests(engine, prompts, kwargs, fragment):
     with pytest.raises(jlora.LoRAError, match=fragment):
         engine.generate(prompts, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(max_batch=2.0), dict(max_batch=3), dict(max_seq_len=-4), dict(max_seq_len=16)]
+)
+def test_bad_engine_settings(base_model, kwargs):
+    with pytest.raises(jlora.LoRAConfigError, match=next(iter(kwargs))):
+        Engine(base_model, jlora.LoRAConfig(max_loras=1, max_lora_rank=16), **kwargs)
+
+
+def test_slots_pinned_by_unused_adapters_raise_instead_of_waiting_forever(base_model, requests):
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16, max_cpu_loras=2)
+    engine = Engine(base_model, config, max_batch=2, max_seq_len=32)
+    a, b = requests[ADAPTERS[0]], requests[ADAPTERS[1]]
+    engine.add_lora(a)
+    engine.state = manager.pin_adapter(engine.state, a.adapter_id)
+    with pytest.raises(jlora.CapacityError, match=f"pinned by \\[{a.adapter_id}\\]"):
+        engine.generate([[1, 2]], [b], SamplingParams(max_tokens=2))
+    # A pinned adapter the batch uses holds its one slot: admitted together, in one prefill.
+    engine = Engine(
+        base_model, jlora.LoRAConfig(max_loras=2, max_lora_rank=16), max_batch=2, max_seq_len=32
+    )
+    engine.add_lora(a)
+    engine.state = manager.pin_adapter(engine.state, a.adapter_id)
+    engine.generate([[1, 2], [3, 4]], [a, b], SamplingParams(max_tokens=2))
+    assert engine.stats.prefill_calls == 1
+
+
+def test_warmup_fits_prompts_of_any_bucket_under_max_seq_len(base_model):
+    engine = Engine(
+        base_model, jlora.LoRAConfig(max_loras=1, max_lora_rank=16), max_batch=1, max_seq_len=33
+    )
+    engine.warmup([1, 20, 40])  # 40 lands in bucket 64 > max_seq_len: skipped
+    compiled = engine.num_compiled()
+    assert compiled == 3  # decode + prefill buckets 16 and 32
+    engine.generate([[1] * 20], None, SamplingParams(max_tokens=13))
+    assert engine.num_compiled() == compiled

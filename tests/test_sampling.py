@@ -85,7 +85,26 @@ def test_top_k_and_top_p_together_keep_their_intersection():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0)]
+    "kwargs",
+    [
+        dict(max_tokens=0),
+        dict(max_tokens=True),
+        dict(temperature=-1),
+        dict(temperature=None),
+        dict(temperature="1"),
+        dict(temperature=float("inf")),
+        dict(top_k=-1),
+        dict(top_k=2**31),
+        dict(top_p=0.0),
+        dict(top_p=None),
+        dict(seed=-1),
+        dict(seed=2**32),
+        dict(seed=None),
+        dict(seed=1.5),
+        dict(stop_token_ids=5),
+        dict(stop_token_ids=("a",)),
+    ],
+    ids=str,
 )
 def test_bad_params(kwargs):
     with pytest.raises(LoRAConfigError):
