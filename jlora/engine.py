@@ -263,12 +263,13 @@ class Engine:
         return [s.output() for s in seqs]
 
     def _new_seq(self, i, prompt, request, params) -> _Seq:
-        prompt = np.asarray(prompt, np.int32)
-        if prompt.ndim != 1 or prompt.size == 0:
-            raise LoRAConfigError(f"prompt {i} must be a non-empty list of token ids")
+        prompt = np.asarray(prompt)
+        if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
+            raise LoRAConfigError(f"prompt {i} must be a non-empty list of int token ids")
         vocab = self.model.config.vocab_size
         if prompt.min() < 0 or prompt.max() >= vocab:
             raise LoRAConfigError(f"prompt {i} has token ids outside [0, {vocab})")
+        prompt = prompt.astype(np.int32)
         if params is None or not isinstance(params, SamplingParams):
             raise LoRAConfigError(f"sampling_params[{i}] must be a SamplingParams")
         if token_bucket(prompt.size) > self.max_seq_len or (

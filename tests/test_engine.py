@@ -143,6 +143,9 @@ def test_stop_tokens_and_streaming(engine):
     "prompts,kwargs,fragment",
     [
         ([[]], {}, "non-empty"),
+        ([[1.7, 2.9]], {}, "int token ids"),
+        ([["a", "b"]], {}, "int token ids"),
+        ([[1, 2**31]], {}, "outside"),
         ([[1, 999]], {}, "outside"),
         ([[1] * 40], {"sampling_params": SamplingParams(max_tokens=20)}, "max_seq_len"),
         ([[1], [2]], {"lora_requests": [None]}, "one of each"),
