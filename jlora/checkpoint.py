@@ -19,8 +19,8 @@ On disk (an orbax composite checkpoint with two items, written and committed by 
 
 Restoring reproduces ids, names, paths, module order, scalings (exact: JSON round-trips Python
 floats), array values and dtypes (bfloat16 included). Arrays come back as host numpy views into
-the per-dtype buffers, checked for NaN/Inf like a PEFT load. Imports jlora.errors, jlora.hostio
-and jlora.weights; orbax lazily.
+the per-dtype buffers, checked for NaN/Inf like a PEFT load. Imports jlora.config, jlora.errors,
+jlora.hostio and jlora.weights; orbax lazily.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.config import is_int
 from jlora.errors import CheckpointError, LoRAError
 from jlora.hostio import count_nonfinite, read_ranges_checked
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
@@ -302,7 +303,7 @@ class _Unpacker:
 
 
 def _is_count(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+    return is_int(n) and n >= 0
 
 
 __all__ = ["is_adapter_checkpoint", "restore_adapter", "save_adapter"]

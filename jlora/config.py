@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.errors import LoRAConfigError
 
@@ -46,14 +47,14 @@ class LoRAConfig:
 
     def __post_init__(self):
         problems = []
-        if not _is_int(self.max_loras) or self.max_loras < 1:
+        if not is_int(self.max_loras) or self.max_loras < 1:
             problems.append(f"max_loras must be an int >= 1, got {self.max_loras!r}")
-        if not _is_int(self.max_lora_rank) or self.max_lora_rank < 1:
+        if not is_int(self.max_lora_rank) or self.max_lora_rank < 1:
             problems.append(f"max_lora_rank must be an int >= 1, got {self.max_lora_rank!r}")
         if self.max_cpu_loras is None:
             object.__setattr__(self, "max_cpu_loras", self.max_loras)
-        elif not _is_int(self.max_cpu_loras) or (
-            _is_int(self.max_loras) and self.max_cpu_loras < self.max_loras
+        elif not is_int(self.max_cpu_loras) or (
+            is_int(self.max_loras) and self.max_cpu_loras < self.max_loras
         ):
             problems.append(
                 f"max_cpu_loras ({self.max_cpu_loras!r}) must be an int >= max_loras "
@@ -82,8 +83,10 @@ class LoRAConfig:
         return jnp.dtype(default if self.lora_dtype == "auto" else self.lora_dtype)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def is_int(v) -> bool:
+    """A Python or NumPy integer, and not a bool (which Python counts as an int). The one
+    integer check of every validated setting in jlora."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 jax.tree_util.register_dataclass(

@@ -32,7 +32,7 @@ from flax import nnx
 
 from jlora import manager
 from jlora.apply import apply, find_targets
-from jlora.config import LoRAConfig
+from jlora.config import LoRAConfig, is_int
 from jlora.context import lora_context, padded_batch_mapping
 from jlora.errors import CapacityError, LoRAConfigError
 from jlora.mapping import token_bucket
@@ -135,9 +135,9 @@ class Engine:
         max_batch: int = 32,
         max_seq_len: int = 256,
     ):
-        if not _is_int(max_batch) or max_batch < 1 or max_batch & (max_batch - 1):
+        if not is_int(max_batch) or max_batch < 1 or max_batch & (max_batch - 1):
             raise LoRAConfigError(f"max_batch must be a power of two >= 1, got {max_batch!r}")
-        if not _is_int(max_seq_len) or max_seq_len < token_bucket(1) + 1:
+        if not is_int(max_seq_len) or max_seq_len < token_bucket(1) + 1:
             raise LoRAConfigError(
                 f"max_seq_len must be an int >= {token_bucket(1) + 1} (the smallest prompt bucket "
                 f"plus one new token), got {max_seq_len!r}"
@@ -175,8 +175,10 @@ class Engine:
     def warmup(self, prompt_lengths: Sequence[int] = (1,)) -> float:
         """Compiles every program ``generate`` can need for prompts of these lengths: the decode
         step and one prefill per rows bucket (1, 2, 4, ..., ``max_batch``) per prompt-length
-        bucket. Returns the seconds it took. Serving loops call it once, before traffic."""
+        bucket, and the adapter manager's slot writers. Returns the seconds it took. Serving
+        loops call it once, before traffic."""
         start = time.perf_counter()
+        self.state = manager.warmup(self.state)
         for bucket in sorted({token_bucket(n) for n in prompt_lengths}):
             # The shortest prompt of the bucket, so that its 2 new tokens fit max_seq_len.
             length = next(n for n in range(1, bucket + 1) if token_bucket(n) == bucket)
@@ -218,9 +220,13 @@ class Engine:
             self._new_seq(i, *args)
             for i, args in enumerate(zip(prompts, lora_requests, sampling_params, strict=True))
         ]
-        for request in {r for r in lora_requests if r is not None}:
-            if not self.state.is_known(request.adapter_id):
-                self.add_lora(request)
+        # Every new adapter is loaded now, in one operation: a bad one fails before serving and
+        # registers none of them.
+        unseen = [
+            r for r in lora_requests if r is not None and not self.state.is_known(r.adapter_id)
+        ]
+        if unseen:
+            self.state = manager.add_adapters(self.state, unseen)
 
         start = time.perf_counter()
         stats = dict(
@@ -449,7 +455,3 @@ def _decode_step(
         )
     tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, steps)
     return tokens, logprobs, cache
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)

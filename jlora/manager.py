@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.config import LoRAConfig
+from jlora.config import LoRAConfig, is_int
 from jlora.errors import (
     AdapterMismatchError,
     AdapterWeightsError,
@@ -323,12 +323,22 @@ def add_adapter(
     ``AdapterMismatchError``; an adapter that does not fit the model's targets raises it too.
     """
     plan = _Plan(state)
-    if isinstance(adapter, LoRARequest):
-        plan.register_request(adapter, protect=frozenset({adapter.adapter_id}))
-    elif isinstance(adapter, LoRAModel):
-        plan.register_model(adapter, protect=frozenset({adapter.id}))
-    else:
-        raise TypeError(f"add_adapter takes a LoRAModel or LoRARequest, got {type(adapter)}")
+    plan.register(adapter)
+    return plan.commit(donate)
+
+
+def add_adapters(
+    state: AdapterManagerState,
+    adapters: Sequence[LoRAModel | LoRARequest],
+    *,
+    donate: bool = True,
+) -> AdapterManagerState:
+    """``add_adapter`` for each of ``adapters`` in order, as one operation: if any of them
+    fails, none is added and the input state is unchanged. Later ones may evict earlier ones
+    from a full host cache (a ``LoRARequest`` stays reloadable)."""
+    plan = _Plan(state)
+    for adapter in adapters:
+        plan.register(adapter)
     return plan.commit(donate)
 
 
@@ -386,6 +396,23 @@ def unpin_adapter(state: AdapterManagerState, adapter_id: int) -> AdapterManager
     plan.require_known(adapter_id)
     plan.pinned.discard(adapter_id)
     return plan.commit(donate=False)
+
+
+def warmup(state: AdapterManagerState, *, donate: bool = True) -> AdapterManagerState:
+    """Compiles this bank layout's device writers, so that a serving run's first adapter swap
+    compiles nothing: the slot write from both source orders (a PEFT load's, and a restored or
+    given ``LoRAModel``'s) and the slot clear, for ``donate`` and for the donated variant that an
+    operation's later writes use. It rewrites the base slot with its zeros, so the new state
+    serves as the input did; with ``donate=True`` the input's banks are consumed."""
+    _Plan(state)  # raises DonatedStateError for a donated state
+    banks = state.bank_list
+    variants = (True,) if donate else (False, True)
+    for owned in variants:
+        for torch_order in (False, True):
+            a, b, scales, _ = _base_slot_values(state.layout, torch_order)
+            banks = _WRITE[owned](banks, np.int32(BASE_ID), a, b, scales, torch_order)
+        banks = _CLEAR[owned](banks, np.ones(state.num_slots, bool))
+    return dataclasses.replace(state, bank_list=banks)
 
 
 def list_adapters(state: AdapterManagerState) -> tuple[AdapterInfo, ...]:
@@ -529,6 +556,14 @@ class _Plan:
     def touch(self, adapter_id: int) -> None:
         self.lru.remove(adapter_id)
         self.lru.append(adapter_id)
+
+    def register(self, adapter: LoRAModel | LoRARequest) -> None:
+        if isinstance(adapter, LoRARequest):
+            self.register_request(adapter, protect=frozenset({adapter.adapter_id}))
+        elif isinstance(adapter, LoRAModel):
+            self.register_model(adapter, protect=frozenset({adapter.id}))
+        else:
+            raise TypeError(f"add_adapter takes a LoRAModel or LoRARequest, got {type(adapter)}")
 
     def register_request(self, request: LoRARequest, protect: frozenset[int]) -> None:
         adapter_id = request.adapter_id
@@ -869,6 +904,22 @@ def _slot_values(layout: _Layout, model: LoRAModel):
     return tuple(a_vals), tuple(b_vals), np.asarray(scales, np.float32), torch_order
 
 
+def _base_slot_values(layout: _Layout, torch_order: bool):
+    """``_slot_values`` of the base slot (zeros, scale 0) in either source order."""
+    rank, dtype = layout.config.max_lora_rank, layout.dtype
+    a_vals, b_vals = [], []
+    for target in layout.targets:
+        a_shapes = [(rank, target.in_dim)] * len(target.out_dims)
+        b_shapes = [(out, rank) for out in target.out_dims]
+        if not torch_order:
+            a_shapes = [s[::-1] for s in a_shapes]
+            b_shapes = [s[::-1] for s in b_shapes]
+        a_vals.append(tuple(_zeros(s, dtype) for s in a_shapes))
+        b_vals.append(tuple(_zeros(s, dtype) for s in b_shapes))
+    n = sum(len(t.out_dims) for t in layout.targets)
+    return tuple(a_vals), tuple(b_vals), np.zeros(n, np.float32), torch_order
+
+
 def _is_transposed_view(x, dtype: np.dtype) -> bool:
     flags = getattr(x, "flags", None)
     return (
@@ -935,7 +986,7 @@ _CLEAR = {True: jax.jit(_clear_slots, donate_argnums=0), False: jax.jit(_clear_s
 
 
 def _is_id(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1
+    return is_int(v) and v >= 1
 
 
 def _request_id(entry: BatchEntry) -> int:
@@ -943,7 +994,7 @@ def _request_id(entry: BatchEntry) -> int:
         return BASE_ID
     if isinstance(entry, LoRARequest):
         return entry.adapter_id
-    if isinstance(entry, int | np.integer) and not isinstance(entry, bool) and entry >= 0:
+    if is_int(entry) and entry >= 0:
         return int(entry)
     raise UnknownAdapterError(
         f"a batch entry must be a LoRARequest, an adapter id (int >= 1) or None / 0 for the "
@@ -982,6 +1033,7 @@ __all__ = [
     "DonatedStateError",
     "activate_adapter",
     "add_adapter",
+    "add_adapters",
     "deactivate_adapter",
     "init_state",
     "list_adapters",
@@ -991,4 +1043,5 @@ __all__ = [
     "remove_adapter",
     "split_batch",
     "unpin_adapter",
+    "warmup",
 ]

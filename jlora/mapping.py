@@ -1,6 +1,6 @@
 """LoRAMapping: which device slot every token and every sequence of a batch uses, plus the
 slot-sorted token order that segmented kernels consume. Built once per step on the host and shared
-by every LoRA layer. Imports jlora.errors only.
+by every LoRA layer. Imports jlora.errors and jlora.config only.
 
 Worked example (4 sequences, slots [2, 0, 2, 1], lengths [3, 1, 2, 2], 3 slots, padded to T=16)::
 
@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import struct
 
+from jlora.config import is_int
 from jlora.errors import MappingError
 
 MIN_TOKEN_BUCKET = 16
@@ -103,7 +104,7 @@ class LoRAMapping:
                 f"seq_slots has {slots.size} entries but seq_lengths has {lengths.size}: "
                 "give one slot and one length per sequence"
             )
-        if not isinstance(num_slots, int | np.integer) or num_slots < 1:
+        if not is_int(num_slots) or num_slots < 1:
             raise MappingError(f"num_slots must be an int >= 1 (max_loras + 1), got {num_slots!r}")
         bad = np.flatnonzero((slots < 0) | (slots >= num_slots))
         if bad.size:

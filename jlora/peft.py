@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from jlora.config import LoRAConfig
+from jlora.config import LoRAConfig, is_int
 from jlora.errors import AdapterConfigError
 
 CONFIG_NAME = "adapter_config.json"
@@ -173,7 +173,7 @@ class PEFTConfig:
             ("r", self.r),
             *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()),
         ]:
-            if not _is_int(r) or r <= 0:
+            if not is_int(r) or r <= 0:
                 problems.append(f"{name} must be a positive int, got {r!r}")
         for name, a in [
             ("lora_alpha", self.lora_alpha),
@@ -275,7 +275,3 @@ def _pattern_value(patterns: Mapping[str, Any], module_name: str, default):
         if re.match(_pattern_regex(key), module_name):
             return value
     return default
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)

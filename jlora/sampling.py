@@ -2,7 +2,8 @@
 
 Every row carries its own parameters as arrays, so one compiled step serves a batch that mixes
 greedy and sampled requests. A row's random stream depends only on its own seed and how many
-tokens it has generated, never on which other requests share the batch. Imports jlora.errors.
+tokens it has generated, never on which other requests share the batch. Imports jlora.errors
+and jlora.config.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jlora.config import is_int
 from jlora.errors import LoRAConfigError
 
 
@@ -43,19 +45,19 @@ class SamplingParams:
     def __post_init__(self):
         problems = []
         stops = self.stop_token_ids
-        if isinstance(stops, int | str | bytes) or not all(_is_int(t) for t in _iter(stops)):
+        if isinstance(stops, int | str | bytes) or not all(is_int(t) for t in _iter(stops)):
             problems.append(f"stop_token_ids must be a sequence of ints, got {stops!r}")
         else:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             problems.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
             problems.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or not 0 <= self.top_k < 2**31:
+        if not is_int(self.top_k) or not 0 <= self.top_k < 2**31:
             problems.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             problems.append(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if problems:
             raise LoRAConfigError("Invalid SamplingParams: " + "; ".join(problems))
@@ -125,10 +127,6 @@ def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     keep = (rank < k) & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
     rows = jnp.arange(batch)[:, None]
     return jnp.zeros((batch, vocab), bool).at[rows, order].set(keep)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _is_real(v) -> bool:

@@ -35,6 +35,7 @@ class TestLoRAConfig:
         [
             (dict(max_loras=0), "max_loras"),
             (dict(max_loras=2.5), "max_loras"),
+            (dict(max_loras=True), "max_loras"),
             (dict(max_lora_rank=0), "max_lora_rank"),
             (dict(max_loras=4, max_cpu_loras=2), "max_cpu_loras"),
             (dict(lora_dtype="int8"), "lora_dtype"),
@@ -45,6 +46,10 @@ class TestLoRAConfig:
     def test_invalid(self, kwargs, fragment):
         with pytest.raises(LoRAConfigError, match=fragment):
             jlora.LoRAConfig(**kwargs)
+
+    def test_numpy_ints_are_ints(self):
+        c = jlora.LoRAConfig(max_loras=np.int64(3), max_lora_rank=np.int32(8))
+        assert c == jlora.LoRAConfig(max_loras=3, max_lora_rank=8)
 
     def test_dtype(self):
         assert jlora.LoRAConfig(lora_dtype="bfloat16").jnp_dtype() == jnp.bfloat16

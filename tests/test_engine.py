@@ -191,3 +191,34 @@ def test_warmup_fits_prompts_of_any_bucket_under_max_seq_len(base_model):
     assert compiled == 3  # decode + prefill buckets 16 and 32
     engine.generate([[1] * 20], None, SamplingParams(max_tokens=13))
     assert engine.num_compiled() == compiled
+
+
+def test_warmup_compiles_the_slot_writers_too(base_model, requests, tmp_path):
+    from compile_counter import CompileCounter
+
+    # A bank layout (rank 24) no other test uses, so that nothing is compiled beforehand.
+    engine = Engine(
+        base_model, jlora.LoRAConfig(max_loras=2, max_lora_rank=24), max_batch=2, max_seq_len=32
+    )
+    engine.warmup([4])
+    checkpoint = jlora.save_adapter(jlora.load_adapter(ADAPTERS_DIR / ADAPTERS[1]), tmp_path / "c")
+    restored = jlora.LoRARequest(lora_name="restored", lora_int_id=9, lora_path=checkpoint)
+    prompts = prompts_for(4, seed=3)
+    with CompileCounter() as counter:
+        # PEFT loads (PyTorch order), a restored checkpoint (bank order), slot evictions.
+        engine.generate(prompts, [requests[ADAPTERS[0]], None, requests[ADAPTERS[3]], restored])
+        engine.generate(prompts[:2], [requests[ADAPTERS[2]], restored])
+    assert counter.counts == {}
+    assert {i.id for i in engine.list_loras() if i.slot is not None} == {3, 9}
+
+
+def test_a_bad_adapter_in_generate_registers_none(base_model, requests, tmp_path):
+    engine = Engine(
+        base_model, jlora.LoRAConfig(max_loras=2, max_lora_rank=16), max_batch=2, max_seq_len=32
+    )
+    missing = jlora.LoRARequest(lora_name="missing", lora_int_id=77, lora_path=tmp_path / "nope")
+    with pytest.raises(jlora.LoRAError, match="nope"):
+        engine.generate([[1, 2], [3, 4]], [requests[ADAPTERS[0]], missing])
+    assert engine.list_loras() == ()
+    out = engine.generate([[1, 2]], [requests[ADAPTERS[0]]], SamplingParams(max_tokens=2))
+    assert len(out[0].tokens) == 2 and [i.id for i in engine.list_loras()] == [1]

@@ -683,6 +683,24 @@ def test_donation_updates_banks_in_place_and_consumes_the_old_state():
     assert not s1.is_donated and jax.tree.leaves(s2)[0] is jax.tree.leaves(s1)[0]
 
 
+def test_add_adapters_in_order_and_warmup_changes_nothing_observable():
+    state = M.activate_adapter(M.add_adapter(toy_state(max_cpu_loras=2), make_adapter(1)), 1)
+    # Adapter 3 evicts the least recently used, 1, from the host cache and its slot.
+    state = M.add_adapters(state, [make_adapter(2), make_adapter(3)])
+    assert state.lru == (2, 3) and state.slots == (0, 0, 0)
+    check_invariants(state, {2: make_adapter(2), 3: make_adapter(3)})
+    state = M.activate_adapter(state, 3)
+    snap = snapshot(state)
+    kept = M.warmup(state, donate=False)
+    assert_unchanged(state, snap)
+    assert_unchanged(kept, snap)
+    warm = M.warmup(state)
+    assert state.is_donated
+    assert_unchanged(warm, snap)
+    with pytest.raises(M.DonatedStateError):
+        M.warmup(state)
+
+
 def test_state_is_a_pytree_of_banks_but_never_a_jit_argument():
     state = M.activate_adapter(M.add_adapter(toy_state(), make_adapter(1)), 1)
     leaves = jax.tree.leaves(state)
@@ -722,6 +740,8 @@ def test_failed_operations_leave_the_state_exactly_as_it_was():
         lambda s: M.pin_adapter(M.pin_adapter(s, 2, donate=False), 5),
         lambda s: M.prepare_batch(s, [1, 2, 4], [1, 1, 1]),
         lambda s: M.remove_adapter(s, 9),
+        # The first would evict adapter 2 from the host (a device write); the second fails.
+        lambda s: M.add_adapters(s, [make_adapter(5), make_adapter(4, rank=9)]),
     ]
     for op in failing:
         with pytest.raises(jlora.LoRAError):

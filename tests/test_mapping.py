@@ -54,6 +54,8 @@ def test_bad_input(slots, lengths, fragment):
 def test_bad_num_slots():
     with pytest.raises(MappingError, match="num_slots"):
         LoRAMapping.build([0], [1], num_slots=0)
+    with pytest.raises(MappingError, match="num_slots"):
+        LoRAMapping.build([0], [1], num_slots=True)  # a bool is not a slot count
 
 
 @settings(max_examples=60, deadline=None)
