@@ -55,7 +55,8 @@ def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
 
 def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Writes ``model`` to the directory ``path`` (created; must not exist unless
-    ``overwrite``). Returns the absolute path.
+    ``overwrite``, which replaces only an existing jlora checkpoint: any other file or directory
+    there is refused, never deleted). Returns the absolute path.
 
     >>> import tempfile, numpy as np
     >>> w = LoRALayerWeights(module_name="q", lora_a=np.ones((4, 2), np.float32),
@@ -69,9 +70,18 @@ def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool =
 
     if not isinstance(model, LoRAModel):
         raise TypeError(f"save_adapter takes a LoRAModel, got {type(model).__name__}")
+    if not os.fspath(path):
+        raise CheckpointError("save_adapter: the checkpoint path is empty; name a new directory")
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"{path}: already exists; pass overwrite=True to replace it")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise CheckpointError(f"{path}: already exists; pass overwrite=True to replace it")
+        # orbax's force=True deletes whatever is there: only ever let it delete a checkpoint.
+        if os.path.islink(path) or not is_adapter_checkpoint(path):
+            raise CheckpointError(
+                f"{path}: exists and is not a jlora adapter checkpoint; overwrite replaces only "
+                "a checkpoint, so choose a new path or remove it yourself"
+            )
     packer = _Packer()
     modules: list[dict] = []
     for name, weights in model.loras.items():

@@ -8,6 +8,7 @@ Imports jlora modules only.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -16,26 +17,32 @@ import tempfile
 import numpy as np
 
 import jlora
+from jlora.checkpoint import is_adapter_checkpoint, restore_adapter
 from jlora.peft import PEFTConfig
 
 
 def adapter_summary(path: str | os.PathLike) -> dict:
-    """Validates and loads the adapter at ``path``; returns what ``inspect`` prints."""
-    model = jlora.load_adapter(path)
-    peft = PEFTConfig.from_dir(path)
+    """Validates and loads the adapter at ``path`` (a PEFT directory or a jlora checkpoint);
+    returns what ``inspect`` prints. A checkpoint stores scalings, not PEFT's alpha."""
+    if is_adapter_checkpoint(path):
+        model, alpha, rslora = restore_adapter(path), "-", "-"
+    else:
+        model = jlora.load_adapter(path)
+        peft = PEFTConfig.from_dir(path)
+        alpha, rslora = peft.lora_alpha, peft.use_rslora
     scalings = sorted({round(w.scaling, 4) for w in model.loras.values()})
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in model.loras})
     return {
         "name": model.name,
         "rank": model.rank,
-        "alpha": peft.lora_alpha,
+        "alpha": alpha,
         "scaling": "/".join(f"{s:g}" for s in scalings),
         "targets": ",".join(suffixes),
         "modules": len(model.loras),
         "params": model.num_parameters,
         "bytes": model.num_bytes,
         "dtype": str(next(iter(model.loras.values())).lora_a.dtype),
-        "rslora": peft.use_rslora,
+        "rslora": rslora,
     }
 
 
@@ -115,7 +122,7 @@ def cmd_demo(args) -> int:
                 seed=i,
             )
             requests.append(jlora.LoRARequest(lora_name=name, lora_int_id=i + 1, lora_path=path))
-        print(f"Wrote {len(specs)} synthetic PEFT adapters under {root}:\n")
+        print(f"Wrote {len(specs)} synthetic PEFT adapters under {root} (deleted at exit):\n")
         print_table([adapter_summary(r.path) for r in requests])
 
         # 4 device slots for 6 adapters: the engine swaps adapters as requests come and go.
@@ -163,6 +170,22 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from jlora import bench
 
+    # Checked before the run, which takes minutes: fail now rather than after it.
+    needed = [m for m in ("torch", "transformers", "peft") if args.compare_peft]
+    needed += ["matplotlib"] if args.plot else []
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"error: {', '.join(missing)} not installed (pip install {' '.join(missing)})",
+            file=sys.stderr,
+        )
+        return 2
+    if args.plot and args.no_skewed:
+        print("error: --plot draws the skewed workload; drop --no-skewed", file=sys.stderr)
+        return 2
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        print(f"error: --plot {args.plot}: no such directory", file=sys.stderr)
+        return 2
     cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     steps = (
         2
@@ -188,7 +211,11 @@ def cmd_bench(args) -> int:
     else:
         print_bench(results)
     if args.plot:
-        plot_bench(results, args.plot)
+        try:
+            plot_bench(results, args.plot)
+        except OSError as e:
+            print(f"error: --plot {args.plot}: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -244,6 +271,15 @@ def plot_bench(r: dict, path: str) -> None:
 def cmd_convert(args) -> int:
     from jlora.checkpoint import save_adapter
 
+    if is_adapter_checkpoint(args.path):
+        print(f"error: {args.path} is already a jlora checkpoint", file=sys.stderr)
+        return 2
+    if os.path.lexists(args.out) and not args.overwrite:
+        print(
+            f"error: {args.out}: already exists; pass --overwrite to replace a jlora checkpoint",
+            file=sys.stderr,
+        )
+        return 2
     try:
         model = jlora.load_adapter(args.path)
         out = save_adapter(model, args.out, overwrite=args.overwrite)
@@ -255,9 +291,12 @@ def cmd_convert(args) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
     return value
 
 
@@ -265,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jlora", description=jlora.__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="serve a mixed batch with a small model and adapters")
-    demo.add_argument("--max-tokens", type=_positive_int, default=24)
+    demo.add_argument(
+        "--max-tokens", type=_positive_int, default=24, help="new tokens per request (default 24)"
+    )
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="end-to-end serving benchmark")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
@@ -281,9 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     convert = sub.add_parser("convert", help="PEFT adapter -> Orbax checkpoint")
     convert.add_argument("path")
     convert.add_argument("out")
-    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace an existing jlora checkpoint at OUT"
+    )
     convert.set_defaults(func=cmd_convert)
-    inspect = sub.add_parser("inspect", help="validate a PEFT adapter and print its summary")
+    inspect = sub.add_parser(
+        "inspect", help="validate a PEFT adapter (or jlora checkpoint) and print its summary"
+    )
     inspect.add_argument("path")
     inspect.set_defaults(func=cmd_inspect)
     args = parser.parse_args(argv)

@@ -77,3 +77,62 @@ def test_convert_round_trips(capsys, tmp_path):
         np.testing.assert_array_equal(restored[name].lora_a, layer.lora_a)
         assert restored[name].lora_a.dtype == layer.lora_a.dtype
     assert cli.main(["convert", str(tmp_path), str(tmp_path / "x")]) == 2
+
+
+def test_convert_overwrite_replaces_only_a_checkpoint(capsys, tmp_path):
+    src = str(ADAPTERS_DIR / "attn_r8")
+    assert cli.main(["convert", src, str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    # Existing output: the CLI names its own flag.
+    assert cli.main(["convert", src, str(tmp_path / "ckpt")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["convert", src, str(tmp_path / "ckpt"), "--overwrite"]) == 0
+    # A directory that is not a checkpoint is never deleted, overwrite or not.
+    keep = tmp_path / "mine"
+    (keep / "sub").mkdir(parents=True)
+    (keep / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert cli.main(["convert", src, str(keep), "--overwrite"]) == 2
+    assert "not a jlora adapter checkpoint" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "keep me" and (keep / "sub").is_dir()
+    with pytest.raises(jlora.CheckpointError, match="not a jlora adapter checkpoint"):
+        jlora.save_adapter(jlora.load_adapter(src), keep, overwrite=True)
+    with pytest.raises(jlora.CheckpointError, match="empty"):
+        jlora.save_adapter(jlora.load_adapter(src), "", overwrite=True)
+
+
+def test_inspect_and_convert_know_a_checkpoint(capsys, tmp_path):
+    src = ADAPTERS_DIR / "mlp_r4_rslora"
+    assert cli.main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert str(jlora.load_adapter(src).num_parameters) in out
+    assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "again")]) == 2
+    assert "already a jlora checkpoint" in capsys.readouterr().err
+
+
+def test_bench_refuses_what_would_fail_after_the_run(monkeypatch, capsys, tmp_path):
+    from jlora import bench
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("bench ran"))
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli.importlib.util,
+        "find_spec",
+        lambda name: None if name == "torch" else real_find_spec(name),
+    )
+    assert cli.main(["bench", "--compare-peft"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: torch") and "not installed" in err
+    assert cli.main(["bench", "--plot", str(tmp_path / "no" / "p.png")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert cli.main(["bench", "--no-skewed", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--no-skewed" in capsys.readouterr().err
+
+
+def test_demo_max_tokens_error_names_no_private_function(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--max-tokens", "abc"])
+    err = capsys.readouterr().err
+    assert "must be an int >= 1, got 'abc'" in err and "_positive_int" not in err
