@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import ops
-from jlora.errors import AdapterMismatchError, MappingError
+from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
 from jlora.mapping import LoRAMapping
 from jlora.targets import TargetModule
 from jlora.weights import LoRABank
@@ -80,7 +80,7 @@ def lora_context(
     because those arrays would be baked into the compiled program as constants.
     """
     if impl not in ops.IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {ops.IMPLS}")
+        raise LoRAConfigError(f"lora_context: impl={impl!r} is not one of {ops.IMPLS}")
     if not isinstance(mapping, LoRAMapping):
         raise MappingError(f"lora_context needs a LoRAMapping, got {type(mapping).__name__}")
     if not isinstance(banks, Mapping):
@@ -224,22 +224,28 @@ class _Einsum:
 
 
 def _parse_einsum(einsum_str: str) -> _Einsum:
-    """Parses ``einsum_str`` or raises ``ValueError`` saying why its ``[in, out]`` view is not
-    well defined."""
+    """Parses ``einsum_str`` or raises ``AdapterMismatchError`` saying why its ``[in, out]`` view
+    is not well defined."""
     s = einsum_str.replace(" ", "")
     try:
         operands, out = s.split("->")
         lhs, rhs = operands.split(",")
     except ValueError:
-        raise ValueError(f"{einsum_str!r} is not of the form 'input,kernel->output'") from None
+        raise AdapterMismatchError(
+            f"{einsum_str!r} is not of the form 'input,kernel->output'"
+        ) from None
     if "..." in rhs or lhs.count("...") > 1 or ("..." in lhs) != ("..." in out):
-        raise ValueError(f"{einsum_str!r}: '...' is allowed only as leading input/output dims")
+        raise AdapterMismatchError(
+            f"{einsum_str!r}: '...' is allowed only as leading input/output dims"
+        )
     if ("..." in lhs and not lhs.startswith("...")) or ("..." in out and not out.startswith("...")):
-        raise ValueError(f"{einsum_str!r}: '...' must lead the input and output")
+        raise AdapterMismatchError(f"{einsum_str!r}: '...' must lead the input and output")
     lhs_l, out_l = lhs.replace("...", ""), out.replace("...", "")
     for part in (lhs_l, rhs, out_l):
         if len(set(part)) != len(part) or not part.isalpha():
-            raise ValueError(f"{einsum_str!r}: repeated or non-letter subscripts in {part!r}")
+            raise AdapterMismatchError(
+                f"{einsum_str!r}: repeated or non-letter subscripts in {part!r}"
+            )
     batch = "".join(c for c in lhs_l if c not in rhs)
     contracted = "".join(c for c in rhs if c in lhs_l)
     kernel_out = "".join(c for c in rhs if c not in lhs_l)
@@ -253,7 +259,7 @@ def _parse_einsum(einsum_str: str) -> _Einsum:
     if not contracted or not kernel_out:
         problems.append("the kernel needs both contracted and output dims")
     if problems:
-        raise ValueError(f"{einsum_str!r} has no [in, out] view: " + "; ".join(problems))
+        raise AdapterMismatchError(f"{einsum_str!r} has no [in, out] view: " + "; ".join(problems))
     ellipsis = "..." if "..." in lhs else ""
     return _Einsum(
         lhs=lhs if ellipsis else "..." + lhs,
@@ -269,7 +275,9 @@ def einsum_dims(einsum_str: str, kernel_shape: Sequence[int]) -> tuple[int, int]
     p = _parse_einsum(einsum_str)
     rhs = einsum_str.replace(" ", "").split("->")[0].split(",")[1]
     if len(rhs) != len(kernel_shape):
-        raise ValueError(f"{einsum_str!r} names {len(rhs)} kernel dims, kernel is {kernel_shape}")
+        raise AdapterMismatchError(
+            f"{einsum_str!r} names {len(rhs)} kernel dims, kernel is {kernel_shape}"
+        )
     size = dict(zip(rhs, kernel_shape, strict=True))
     return math.prod(size[c] for c in p.contracted), math.prod(size[c] for c in p.kernel_out)
 
@@ -298,6 +306,7 @@ def lora_forward(target: TargetModule, view: LayerView, x: jax.Array, y: jax.Arr
         return y
     _check_banks(target, banks)
     _check_traced(target, x, banks, ctx.mapping)
+    _check_vmapped(target, x, ctx.mapping)
     x2, y2 = view.tokens_in(x), view.tokens_out(y)
     in_dim = None if target.is_embedding else x2.shape[-1]
     if y2.shape[-1] != target.out_dim or in_dim not in (None, target.in_dim):
@@ -337,6 +346,23 @@ def _check_banks(target: TargetModule, banks: tuple[LoRABank, ...]) -> None:
                 f"bank for {peft_name!r} is [{what}={bank.input_dim}, out={bank.output_dim}] but "
                 f"layer {target.name!r} needs [{what}={target.in_dim}, out={out}]"
             )
+
+
+def _check_vmapped(target: TargetModule, x, mapping: LoRAMapping) -> None:
+    # Under jax.vmap the layer sees one example while a mapping from outside the vmap indexes the
+    # whole batch: its rows would be misread (silently when an example's rows equal the batch
+    # size, as they then pass for one row per sequence). A mapping vmapped with x is per example.
+    if _is_vmapped(x) and not _is_vmapped(mapping.token_slots):
+        raise MappingError(
+            f"layer {target.name!r} is called under jax.vmap with a LoRAMapping from outside it, "
+            "which describes the whole batch, not one example: pass per-example mappings "
+            "through the vmap with the inputs (enter lora_context inside the vmapped function), "
+            "or call the model on the batch without vmap"
+        )
+
+
+def _is_vmapped(v) -> bool:
+    return isinstance(v, jax.core.Tracer) and hasattr(v, "batch_dim")  # jax's BatchTracer
 
 
 def _check_traced(target: TargetModule, x, banks, mapping: LoRAMapping) -> None:

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import pallas_kernels as pk
+from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
 from jlora.mapping import LoRAMapping
 from jlora.weights import LoRABank
 
@@ -94,10 +95,13 @@ class OpsConfig:
         if self.xla_block_t is not None and (
             not isinstance(self.xla_block_t, int) or self.xla_block_t < 1
         ):
-            raise ValueError(f"xla_block_t={self.xla_block_t!r} must be a positive int or None")
+            raise LoRAConfigError(
+                f"OpsConfig: xla_block_t={self.xla_block_t!r} must be a positive int or None"
+            )
         if self.xla_strategy not in (None, *XLA_STRATEGIES):
-            raise ValueError(
-                f"xla_strategy={self.xla_strategy!r} must be None or one of {XLA_STRATEGIES}"
+            raise LoRAConfigError(
+                f"OpsConfig: xla_strategy={self.xla_strategy!r} must be None or one of "
+                f"{XLA_STRATEGIES}"
             )
 
 
@@ -187,7 +191,7 @@ def add_lora(
     (3, 4)
     """
     if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+        raise LoRAConfigError(f"add_lora: impl={impl!r} is not one of {IMPLS}")
     config = OpsConfig() if config is None else config
     banks = _as_banks(banks)
     _check_linear_args(y, x, banks)
@@ -225,11 +229,13 @@ def add_lora_embedding(
     """
     config = OpsConfig() if config is None else config
     if y.ndim != 2 or token_ids.shape != (y.shape[0],):
-        raise ValueError(
+        raise AdapterMismatchError(
             f"y must be [T, hidden] and token_ids [T], got {y.shape} and {token_ids.shape}"
         )
     if bank.b.shape[2] != y.shape[1]:
-        raise ValueError(f"bank's output dim {bank.b.shape[2]} != y's {y.shape[1]} columns")
+        raise AdapterMismatchError(
+            f"bank's output dim {bank.b.shape[2]} != y's {y.shape[1]} columns"
+        )
     token_slots, sorted_ids, counts, starts = _segments_for_rows(mapping, y.shape[0])
     if y.shape[0] == 0:
         return y
@@ -249,23 +255,27 @@ def _as_banks(banks) -> tuple[LoRABank, ...]:
         return (banks,)
     banks = tuple(banks)
     if not banks or not all(isinstance(b, LoRABank) for b in banks):
-        raise ValueError(f"banks must be a LoRABank or a non-empty sequence of them, got {banks}")
+        raise AdapterMismatchError(
+            f"banks must be a LoRABank or a non-empty sequence of them, got {banks}"
+        )
     return banks
 
 
 def _check_linear_args(y, x, banks) -> None:
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x must be [T, in] and y [T, out], got {x.shape} and {y.shape}")
+        raise AdapterMismatchError(f"x must be [T, in] and y [T, out], got {x.shape} and {y.shape}")
     num_slots = banks[0].num_slots
     for i, bank in enumerate(banks):
         if bank.input_dim != x.shape[1] or bank.num_slots != num_slots:
-            raise ValueError(
+            raise AdapterMismatchError(
                 f"banks[{i}] is [slots={bank.num_slots}, in={bank.input_dim}], expected "
                 f"[slots={num_slots}, in={x.shape[1]}] to match x {x.shape}"
             )
     total = sum(bank.output_dim for bank in banks)
     if total != y.shape[1]:
-        raise ValueError(f"the slices' output dims sum to {total}, but y has {y.shape[1]} columns")
+        raise AdapterMismatchError(
+            f"the slices' output dims sum to {total}, but y has {y.shape[1]} columns"
+        )
 
 
 def _segments_for_rows(mapping: LoRAMapping, rows: int):
@@ -284,7 +294,7 @@ def _segments_for_rows(mapping: LoRAMapping, rows: int):
         counts = jnp.zeros(mapping.num_slots, jnp.int32).at[slots].add(1)
         starts = jnp.cumsum(counts) - counts
         return slots, jnp.argsort(slots, stable=True).astype(jnp.int32), counts, starts
-    raise ValueError(
+    raise MappingError(
         f"activations have {rows} rows, but the mapping has {mapping.token_slots.shape[0]} "
         f"tokens and {mapping.seq_slots.shape[0]} sequences"
     )

@@ -86,35 +86,48 @@ class PEFTConfig:
                 f"{source}: target_modules must be a list of names or a regex string, "
                 f"got {targets!r}"
             )
-        layers = raw.get("layers_to_transform")
-        if isinstance(layers, int):
-            layers = (layers,)
-        pattern = raw.get("layers_pattern")
-        if isinstance(pattern, str):
-            pattern = (pattern,)
-        exclude = raw.get("exclude_modules")
-        if isinstance(exclude, list | tuple):
-            exclude = tuple(str(t) for t in exclude)
+
+        def layers(v):  # PEFT writes a lone layer index unwrapped; 0 is a layer
+            return None if v is None or v == [] else (v,) if isinstance(v, int) else tuple(v)
+
+        def patterns(v):  # ... and a lone layers_pattern string
+            return (v,) if isinstance(v, str) else tuple(v) if v else None
+
+        def names(v):
+            return tuple(str(t) for t in v) if isinstance(v, list | tuple) else v
+
+        # Field by field, so that a mistyped one is named in the error.
+        parsers = {
+            "bias": lambda v: v or "none",
+            "modules_to_save": lambda v: tuple(v or ()),
+            "use_rslora": bool,
+            "use_dora": bool,
+            "rank_pattern": lambda v: dict(v or {}),
+            "alpha_pattern": lambda v: dict(v or {}),
+            "layers_to_transform": layers,
+            "layers_pattern": patterns,
+            "fan_in_fan_out": bool,
+            "exclude_modules": lambda v: names(v) or None,
+            "lora_bias": bool,
+            "peft_type": lambda v: str(v or "LORA"),
+        }
+        fields = {}
+        for key, parse in parsers.items():
+            try:
+                fields[key] = parse(raw.get(key))
+            except (TypeError, ValueError) as e:
+                raise AdapterConfigError(
+                    f"{source}: field {key!r} is malformed ({raw.get(key)!r}: {e})"
+                ) from None
         try:
             return cls(
                 r=raw["r"],
                 lora_alpha=raw["lora_alpha"],
                 target_modules=targets,
-                bias=raw.get("bias") or "none",
-                modules_to_save=tuple(raw.get("modules_to_save") or ()),
-                use_rslora=bool(raw.get("use_rslora", False)),
-                use_dora=bool(raw.get("use_dora", False)),
-                rank_pattern=dict(raw.get("rank_pattern") or {}),
-                alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-                layers_to_transform=tuple(layers) if layers else None,
-                layers_pattern=tuple(pattern) if pattern else None,
-                fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-                exclude_modules=exclude or None,
-                lora_bias=bool(raw.get("lora_bias", False)),
                 unsupported={k: raw[k] for k in UNSUPPORTED if raw.get(k)},
-                peft_type=str(raw.get("peft_type") or "LORA"),
                 base_model_name_or_path=raw.get("base_model_name_or_path"),
                 source=source,
+                **fields,
             )
         except (TypeError, ValueError) as e:
             raise AdapterConfigError(f"{source}: malformed field: {e}") from None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jlora.errors import AdapterMismatchError
 from jlora.weights import LoRABank
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -52,7 +53,9 @@ def add_lora(
     """``y`` plus every slice's LoRA, slices laid side by side along ``y``'s last dim."""
     total = sum(bank.output_dim for bank in banks)
     if total != y.shape[-1]:
-        raise ValueError(f"slices' output dims sum to {total}, but y has {y.shape[-1]} columns")
+        raise AdapterMismatchError(
+            f"slices' output dims sum to {total}, but y has {y.shape[-1]} columns"
+        )
     offset = 0
     for bank in banks:
         h = shrink(x, bank.a, token_slots)

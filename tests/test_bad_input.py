@@ -11,6 +11,7 @@ from conftest import ADAPTERS_DIR
 from safetensors.numpy import load_file, save_file
 
 import jlora
+from jlora import ops
 from jlora.errors import (
     AdapterConfigError,
     AdapterMismatchError,
@@ -173,6 +174,25 @@ def test_duplicate_module_tensors_refused(adapter):
 
     edit_tensors(adapter, duplicate)
     expect(AdapterWeightsError, adapter, MODULE, "two lora_A tensors")
+
+
+@pytest.mark.parametrize(
+    "field,value", [("layers_pattern", 3), ("rank_pattern", [1]), ("modules_to_save", 5)]
+)
+def test_mistyped_field_is_named(adapter, field, value):
+    edit_config(adapter, **{field: value})
+    expect(AdapterConfigError, adapter, f"field {field!r} is malformed", "adapter_config.json")
+
+
+def test_a_lone_layer_index_zero_is_a_layer():
+    cfg = jlora.PEFTConfig.from_dict({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    assert cfg.layers_to_transform is None
+    cfg = jlora.PEFTConfig.from_dict(
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "layers_to_transform": 0}
+    )
+    assert cfg.layers_to_transform == (0,)
+    assert cfg.targets("model.layers.0.self_attn.q_proj")
+    assert not cfg.targets("model.layers.1.self_attn.q_proj")
 
 
 @pytest.mark.parametrize("alpha", [0, -1.5])
@@ -340,3 +360,96 @@ def test_bad_lora_request(kwargs, fragment):
 def test_mapping_out_of_range_slot(slots):
     with pytest.raises(MappingError, match="outside"):
         jlora.LoRAMapping.build(slots, [2, 2], num_slots=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops and lora_context arguments: LoRAError subclasses too, not bare ValueErrors
+
+
+def _one_bank(slots=3, in_dim=8, out=4, rank=2):
+    return jlora.LoRABank.zeros(num_slots=slots, in_dim=in_dim, out_dim=out, max_rank=rank)
+
+
+@pytest.mark.parametrize(
+    "call,error,fragment",
+    [
+        (lambda m: ops.OpsConfig(xla_block_t=0), LoRAConfigError, "xla_block_t"),
+        (lambda m: ops.OpsConfig(xla_strategy="x"), LoRAConfigError, "xla_strategy"),
+        (
+            lambda m: ops.add_lora(np.ones((3, 4)), np.ones((3, 8)), _one_bank(), m, impl="cuda"),
+            LoRAConfigError,
+            "impl='cuda'",
+        ),
+        (
+            lambda m: ops.add_lora(np.ones((3, 5)), np.ones((3, 8)), _one_bank(), m),
+            AdapterMismatchError,
+            "5 columns",
+        ),
+        (
+            lambda m: ops.add_lora(np.ones((5, 4)), np.ones((5, 8)), _one_bank(), m),
+            MappingError,
+            "5 rows",
+        ),
+        (lambda m: jlora.lora_context({}, m, impl="cuda").__enter__(), LoRAConfigError, "impl"),
+    ],
+)
+def test_ops_and_context_arguments(call, error, fragment):
+    mapping = jlora.LoRAMapping.build([1, 0], [2, 1], num_slots=3, num_tokens=3)
+    with pytest.raises(error, match=fragment):
+        call(mapping)
+
+
+def test_vmap_with_a_mapping_from_outside_is_refused_and_per_example_mappings_work():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jlora import manager
+    from jlora.apply import find_targets
+
+    layer = jlora.apply(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+    targets = find_targets(layer)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8, 2)).astype(np.float32)
+    b = rng.standard_normal((2, 4)).astype(np.float32)
+    name = targets[0].peft_names[0]
+    model = jlora.LoRAModel(
+        loras={name: jlora.LoRALayerWeights(module_name=name, lora_a=a, lora_b=b, scaling=0.5)},
+        id=1,
+        name="one",
+    )
+    state = manager.init_state(jlora.LoRAConfig(max_loras=1, max_lora_rank=2), targets)
+    state = manager.activate_adapter(manager.add_adapter(state, model), 1)
+    # Two sequences of two tokens (an example's rows equal the batch size): seq 0 adapter 1.
+    x = jnp.asarray(rng.standard_normal((2, 2, 8)), jnp.float32)
+    whole = jlora.padded_batch_mapping([1, 0], 2, num_slots=2)
+    per_example = jax.tree.map(
+        lambda *v: jnp.stack(v),
+        *[jlora.padded_batch_mapping([s], 2, num_slots=2, num_seqs=1) for s in (1, 0)],
+    )
+    graphdef, params = nnx.split(layer)
+
+    @jax.jit
+    def batched(params, banks, mapping, x):
+        with jlora.lora_context(banks, mapping):
+            return nnx.merge(graphdef, params)(x)
+
+    @jax.jit
+    def vmapped_outside(params, banks, mapping, x):
+        with jlora.lora_context(banks, mapping):
+            return jax.vmap(nnx.merge(graphdef, params))(x)
+
+    @jax.jit
+    def vmapped_inside(params, banks, mappings, x):
+        def one(mapping, xi):
+            with jlora.lora_context(banks, mapping):
+                return nnx.merge(graphdef, params)(xi[None])[0]
+
+        return jax.vmap(one)(mappings, x)
+
+    want = batched(params, state.banks, whole, x)
+    base = nnx.merge(graphdef, params)(x)
+    assert not np.allclose(want[0], base[0]) and np.allclose(want[1], base[1])
+    with pytest.raises(MappingError, match="under jax.vmap"):
+        vmapped_outside(params, state.banks, whole, x)
+    np.testing.assert_allclose(vmapped_inside(params, state.banks, per_example, x), want, rtol=1e-6)
