@@ -17,11 +17,15 @@ module it serves, declared by ``packed_modules`` or the model's ``packed_modules
 Whether an adapter fits the targets (module names, dims, rank) is checked where it enters a slot
 bank: ``jlora.manager.add_adapter``.
 
+Wrapped models and their graph definitions pickle: a ``LoRA<cls>`` class is pickled as a
+rebuild from its base class (``copyreg``), so another process recreates it on load.
+
 Imports jlora data-model modules and jlora.context only.
 """
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import math
 import re
@@ -34,7 +38,7 @@ from flax import nnx
 
 from jlora.config import LoRAConfig
 from jlora.context import LayerView, einsum_dims, lora_forward
-from jlora.errors import AdapterMismatchError
+from jlora.errors import AdapterMismatchError, LoRAConfigError
 from jlora.peft import matches_target
 from jlora.targets import TargetModule
 
@@ -54,6 +58,7 @@ class _Layer:
     out_dim: int = 0
     view: LayerView | None = None
     unsupported: str | None = None
+    stacked: bool = False  # params stacked by scan/vmap: refused even when not named explicitly
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +93,9 @@ def apply(
 
     Raises:
       AdapterMismatchError: ``target_modules`` (or one of its entries) matches no layer, or matches
-        a layer jlora cannot wrap; a packed layer's slices do not add up to its output dim.
+        a layer jlora cannot wrap; a packed layer's slices do not add up to its output dim; a
+        selected layer is stacked with ``nnx.vmap``/``nnx.scan`` or ``nn.scan``/``nn.vmap``.
+      LoRAConfigError: a ``target_modules`` regex that does not compile.
 
     The wrapped model's forward is the model's own; LoRA state comes from ``jlora.lora_context``.
     ``jlora.find_targets(wrapped)`` reports the ``TargetModule`` s the adapter manager allocates.
@@ -102,6 +109,14 @@ def apply(
         target_modules = config.target_modules
     if isinstance(target_modules, list):
         target_modules = tuple(target_modules)
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise LoRAConfigError(
+                f"target_modules regex {target_modules!r} does not compile ({e}); pass a Python "
+                "regex that matches whole module paths, or a list of module names"
+            ) from None
     if packed_modules is None:
         packed_modules = getattr(model, "packed_modules_mapping", None) or {}
     if isinstance(model, nn.Module):
@@ -151,7 +166,7 @@ def _select(
         slices = _slices(layer, packed)
         names = (layer.name, *(n for n, _ in slices))
         if not explicit:
-            matched = layer.unsupported is None
+            matched = layer.unsupported is None or layer.stacked
         elif all_linear:
             matched = layer.kind == "linear" and layer.name.split(".")[-1] != "lm_head"
         else:
@@ -165,9 +180,9 @@ def _select(
         if not matched:
             continue
         if layer.unsupported is not None:
+            who = f"target_modules {target_modules!r} matches" if explicit else "apply selects"
             raise AdapterMismatchError(
-                f"target_modules {target_modules!r} matches layer {layer.name!r}, which jlora "
-                f"cannot wrap: {layer.unsupported}"
+                f"{who} layer {layer.name!r}, which jlora cannot wrap: {layer.unsupported}"
             )
         targets.append(
             TargetModule(
@@ -215,6 +230,21 @@ def _abbrev(names: Sequence[str], n: int = 8) -> str:
     return f"[{shown}{', ...' if len(names) > n else ''}] ({len(names)} in all)"
 
 
+def _stacked_layer(name: str, kind: str, stored, per_call) -> _Layer:
+    """A layer whose parameters carry extra leading (layer) axes: one LoRA target cannot serve
+    the different layers a scan or vmap runs it as."""
+    return _Layer(
+        name,
+        kind,
+        stacked=True,
+        unsupported=(
+            f"its parameters are stored as {stored} but one call of the layer uses {per_call}; "
+            "layers stacked with nnx.vmap/nnx.scan or nn.scan/nn.vmap are not supported: unroll "
+            "them into one module per layer, or leave them out of target_modules"
+        ),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # NNX: graph surgery
 # --------------------------------------------------------------------------------------------
@@ -244,11 +274,25 @@ def _lora_class(cls: type) -> type:
 
     __call__.__doc__ = f"{cls.__name__}.__call__ plus LoRA from ``jlora.lora_context``."
     name = f"LoRA{cls.__name__}"
-    new = type(cls)(name, (cls,), {"__call__": __call__, "__module__": __name__})
+    new = _lora_meta(type(cls))(name, (cls,), {"__call__": __call__, "__module__": __name__})
     new.__qualname__ = name
     _LORA_CLASSES[cls] = new
     _BASE_CLASSES[new] = cls
     return new
+
+
+_LORA_METAS: dict[type, type] = {}
+
+
+def _lora_meta(meta: type) -> type:
+    """A subclass of the base class's metaclass whose classes pickle as ``_lora_class(base)``:
+    pickle finds classes by module attribute, and ``LoRA<cls>`` is made at run time, not bound
+    there. ``copyreg`` reducers are looked up by the metaclass, so this one touches only LoRA
+    classes."""
+    if meta not in _LORA_METAS:
+        _LORA_METAS[meta] = type(meta)(f"LoRA{meta.__name__}", (meta,), {"__module__": __name__})
+        copyreg.pickle(_LORA_METAS[meta], lambda c: (_lora_class, (_BASE_CLASSES[c],)))
+    return _LORA_METAS[meta]
 
 
 def _is_lora(module) -> bool:
@@ -256,6 +300,20 @@ def _is_lora(module) -> bool:
 
 
 def _nnx_layer(name: str, m: nnx.Module) -> _Layer | None:
+    # The shape each layer builds from its features; nnx.vmap/nnx.scan add leading layer axes.
+    if isinstance(m, nnx.Embed):
+        param, shape = m.embedding, (m.num_embeddings, m.features)
+    elif isinstance(m, nnx.Linear):
+        param, shape = m.kernel, (m.in_features, m.out_features)
+    elif isinstance(m, nnx.LinearGeneral):
+        param, shape = m.kernel, (*m.batch_axis.values(), *m.in_features, *m.out_features)
+    elif isinstance(m, nnx.Einsum):
+        param, shape = m.kernel, tuple(m.kernel_shape)
+    else:
+        return None
+    if tuple(param.shape) != shape:
+        kind = "embed" if isinstance(m, nnx.Embed) else "linear"
+        return _stacked_layer(name, kind, tuple(param.shape), shape)
     if isinstance(m, nnx.Embed):
         return _Layer(name, "embed", m.num_embeddings, m.features, LayerView("embed"))
     if isinstance(m, nnx.Linear):
@@ -265,15 +323,13 @@ def _nnx_layer(name: str, m: nnx.Module) -> _Layer | None:
             return _Layer(name, "linear", unsupported="LinearGeneral with batch_axis")
         view = LayerView("linear", in_axes=tuple(m.axis), num_out_axes=len(m.out_features))
         return _Layer(name, "linear", math.prod(m.in_features), math.prod(m.out_features), view)
-    if isinstance(m, nnx.Einsum):
-        if m.einsum_str is None:
-            return _Layer(name, "linear", unsupported="Einsum without a constructor einsum_str")
-        try:
-            in_dim, out_dim = einsum_dims(m.einsum_str, m.kernel.shape)
-        except ValueError as e:
-            return _Layer(name, "linear", unsupported=str(e))
-        return _Layer(name, "linear", in_dim, out_dim, LayerView("einsum", einsum_str=m.einsum_str))
-    return None
+    if m.einsum_str is None:  # an nnx.Einsum
+        return _Layer(name, "linear", unsupported="Einsum without a constructor einsum_str")
+    try:
+        in_dim, out_dim = einsum_dims(m.einsum_str, m.kernel.shape)
+    except ValueError as e:
+        return _Layer(name, "linear", unsupported=str(e))
+    return _Layer(name, "linear", in_dim, out_dim, LayerView("einsum", einsum_str=m.einsum_str))
 
 
 def _apply_nnx(model: nnx.Module, target_modules: TargetSpec, packed: PackedModules):
@@ -369,8 +425,13 @@ def _linen_layer(name: str, m: nn.Module, args, kwargs, y) -> _Layer:
     return _Layer(name, "linear", in_dim, out_dim, LayerView("einsum", einsum_str=einsum_str))
 
 
+def _shapes(params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sorted(nn.meta.unbox(params).items())}
+
+
 def _apply_linen(module, target_modules, packed, sample_args, sample_kwargs, path_to_name):
-    found: dict[str, _Layer] = {}
+    # name -> (layer, its module path, the shapes of its params as one call sees them)
+    found: dict[str, tuple[_Layer, tuple[str, ...], dict]] = {}
 
     def record(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
@@ -378,14 +439,24 @@ def _apply_linen(module, target_modules, packed, sample_args, sample_kwargs, pat
         if context.method_name == "__call__" and isinstance(m, _LINEN_KINDS):
             name = path_to_name(m.path)
             if name not in found:
-                found[name] = _linen_layer(name, m, args, kwargs, y)
+                seen = _shapes(m.variables.get("params", {}))
+                found[name] = (_linen_layer(name, m, args, kwargs, y), m.path, seen)
         return y
 
     key = jax.random.key(0)
     rngs = {"params": key, "dropout": key}
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda *a: module.init(rngs, *a, **sample_kwargs), *sample_args)
-    layers = list(found.values())
+        variables = jax.eval_shape(lambda *a: module.init(rngs, *a, **sample_kwargs), *sample_args)
+    layers = []
+    for layer, path, seen in found.values():
+        # nn.scan / nn.vmap hand each call one slice of the params the tree stores stacked.
+        stored = variables.get("params", {})
+        for part in path:
+            stored = stored.get(part, {})
+        stored = _shapes(stored)
+        if stored and stored != seen:
+            layer = _stacked_layer(layer.name, layer.kind, stored, seen)
+        layers.append(layer)
     targets = tuple(_select(layers, target_modules, packed))
     views = {layer.name: layer.view for layer in layers if layer.view is not None}
     return LoRALinenModel(

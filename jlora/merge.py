@@ -5,14 +5,12 @@ what users deploy when one adapter is all they need. Imports jlora modules only.
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 from flax import nnx
 
 from jlora.apply import apply, find_targets
 from jlora.errors import AdapterMismatchError
-from jlora.weights import LoRAModel
+from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 
 def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
@@ -21,23 +19,53 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
     Linear-like layers add ``scaling * lora_a @ lora_b`` to their ``[in, out]`` kernel (into the
     slice's columns for a fused projection); embeddings add ``scaling * lora_a @ lora_b`` to their
     ``[vocab, dim]`` table; a LoRA bias (PEFT ``lora_bias``) adds ``scaling * bias`` to the layer's
-    bias. The input model is left unchanged.
+    bias. A ``PackedLoRALayerWeights`` keyed by a fused layer's name (as the adapter manager and
+    ``restore_adapter`` hold them) merges slice ``j`` into that slice's columns. The input model is
+    left unchanged.
 
     Raises:
-      AdapterMismatchError: an adapter module with no layer in the model, dims that differ, or a
-        LoRA bias for a layer without one.
+      AdapterMismatchError: an adapter module with no layer in the model, dims that differ, a
+        packed module whose slices do not match its layer's, a kernel that is not an ``[in, out]``
+        matrix, or a LoRA bias for a layer without one.
     """
     targets = find_targets(apply(model))
+    by_name = {t.name: t for t in targets}
     where = {p: (t, j) for t in targets for j, p in enumerate(t.peft_names)}
-    missing = sorted(set(adapter.loras) - set(where))
+    merges, missing = [], []  # merges: (what to call it, target, slice index, weights)
+    for name, weights in adapter.loras.items():
+        if isinstance(weights, PackedLoRALayerWeights):
+            target = by_name.get(name)
+            if target is None:
+                missing.append(name)
+                continue
+            if len(weights.slices) != len(target.out_dims):
+                raise AdapterMismatchError(
+                    f"adapter {adapter.name!r} packed module {name!r} has "
+                    f"{len(weights.slices)} slices but layer {name!r} has "
+                    f"{len(target.out_dims)} ({list(target.peft_names)})"
+                )
+            merges += [
+                (f"{name}[{j}]", target, j, s)
+                for j, s in enumerate(weights.slices)
+                if s is not None
+            ]
+        elif isinstance(weights, LoRALayerWeights):
+            if name in where:
+                merges.append((name, *where[name], weights))
+            else:
+                missing.append(name)
+        else:
+            raise AdapterMismatchError(
+                f"adapter {adapter.name!r} module {name!r}: expected LoRALayerWeights or "
+                f"PackedLoRALayerWeights, got {type(weights).__name__}"
+            )
     if missing:
         raise AdapterMismatchError(
-            f"adapter {adapter.name!r} targets modules the model lacks: {missing[:8]}"
+            f"adapter {adapter.name!r} targets modules the model lacks: {sorted(missing)[:8]}"
         )
     merged = nnx.clone(model)
     modules = {".".join(str(p) for p in path): m for path, m in nnx.iter_modules(merged)}
-    for peft_name, layer in adapter.loras.items():
-        target, j = where[peft_name]
+    for peft_name, target, j, layer in merges:
         module = modules[target.name]
         width = target.out_dims[j]
         if (layer.input_dim, layer.output_dim) != (target.in_dim, width):
@@ -48,15 +76,14 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
             )
         param = module.embedding if isinstance(module, nnx.Embed) else module.kernel
         value = param.get_value()
-        flat = (
-            value.reshape(target.in_dim, target.out_dim)
-            if not isinstance(module, nnx.Embed)
-            else value
-        )
-        if isinstance(module, nnx.Einsum) or math.prod(flat.shape) != math.prod(value.shape):
+        # Sizes first: a kernel that is not an [in, out] matrix must not reach the reshape.
+        if isinstance(module, nnx.Einsum) or value.size != target.in_dim * target.out_dim:
             raise AdapterMismatchError(
-                f"layer {target.name!r}: merging supports Linear, LinearGeneral and Embed layers"
+                f"layer {target.name!r}: its {tuple(value.shape)} weight is not an "
+                f"[in={target.in_dim}, out={target.out_dim}] matrix; merging supports Linear, "
+                "LinearGeneral and Embed layers"
             )
+        flat = value.reshape(target.in_dim, target.out_dim)
         offset = target.slice_offsets[j]
         delta = layer.delta_weight().astype(jnp.float32)
         flat = flat.at[:, offset : offset + width].add(delta.astype(flat.dtype))

@@ -1,10 +1,12 @@
-"""LoRARequest: which adapter a request wants, and where its files are. Imports jlora.errors."""
+"""LoRARequest: which adapter a request wants, and where its files are. Imports jlora.errors and
+jlora.config."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
+from jlora.config import is_int
 from jlora.errors import LoRAConfigError
 
 
@@ -27,11 +29,7 @@ class LoRARequest:
         problems = []
         if not isinstance(self.lora_name, str) or not self.lora_name:
             problems.append(f"lora_name must be a non-empty string, got {self.lora_name!r}")
-        if (
-            not isinstance(self.lora_int_id, int)
-            or isinstance(self.lora_int_id, bool)
-            or self.lora_int_id < 1
-        ):
+        if not is_int(self.lora_int_id) or self.lora_int_id < 1:
             problems.append(
                 f"lora_int_id must be an int >= 1 (0 is reserved for the base model), "
                 f"got {self.lora_int_id!r}"
@@ -44,6 +42,9 @@ class LoRARequest:
         if problems:
             raise LoRAConfigError(f"Invalid LoRARequest {self.lora_name!r}: " + "; ".join(problems))
         object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
+        object.__setattr__(
+            self, "lora_int_id", int(self.lora_int_id)
+        )  # a Python int, whatever int was given
 
     def __eq__(self, other) -> bool:
         return isinstance(other, LoRARequest) and self.lora_int_id == other.lora_int_id

@@ -8,7 +8,7 @@ LoRA, ``lora_a [vocab, r]`` is indexed by token id instead of multiplied.
 
 Banks stack adapters along a leading slot axis: ``a [slots, in, max_rank]``,
 ``b [slots, max_rank, out]``, ``scale float32 [slots]``; slot 0 is all zeros ("no adapter").
-Imports only jlora.errors.
+Imports only jlora.errors and jlora.config.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jlora.config import is_int
 from jlora.errors import AdapterMismatchError, AdapterWeightsError, UnknownAdapterError
 
 
@@ -136,9 +137,11 @@ class LoRAModel:
 
     def clone(self, new_id: int) -> LoRAModel:
         """Returns a copy with id ``new_id``; the arrays are shared (they are immutable)."""
-        if not isinstance(new_id, int) or new_id < 1:
-            raise AdapterMismatchError(f"adapter ids must be ints >= 1, got {new_id!r}")
-        return self.replace(id=new_id)
+        if not is_int(new_id) or new_id < 1:
+            raise AdapterMismatchError(
+                f"adapter {self.name!r}: adapter ids must be ints >= 1, got {new_id!r}"
+            )
+        return self.replace(id=int(new_id))
 
     def optimize(self, dtype: jnp.dtype | str | None = None) -> LoRAModel:
         """Returns a copy whose arrays are contiguous numpy arrays in ``dtype`` (default: kept),
@@ -178,11 +181,11 @@ class LoRABank:
     def __post_init__(self):
         if not _has_shape(self.a, self.b, self.scale):
             return
-        s, i, r = self.a.shape
-        if self.b.shape[:2] != (s, r) or self.scale.shape != (s,):
+        a, b, scale = tuple(self.a.shape), tuple(self.b.shape), tuple(self.scale.shape)
+        if (len(a), len(b), len(scale)) != (3, 3, 1) or b[:2] != (a[0], a[2]) or scale != a[:1]:
             raise AdapterWeightsError(
-                f"LoRABank shapes disagree: a {self.a.shape} [slots, in, rank], "
-                f"b {self.b.shape} [slots, rank, out], scale {self.scale.shape} [slots]"
+                f"LoRABank shapes disagree: a {a} must be [slots, in, rank], "
+                f"b {b} [slots, rank, out], scale {scale} [slots]"
             )
 
     @classmethod

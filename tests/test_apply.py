@@ -2,6 +2,10 @@
 through the wrapper equals the model with the LoRA merged into its weights (W + scale * A @ B),
 per row of a mixed batch; no active adapter gives exactly the base output; bad targets raise."""
 
+import pickle
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,9 +17,9 @@ import jlora.manager as mgr
 from jlora.apply import LoRALinenModel, apply, find_targets, linen_path_to_name
 from jlora.config import LoRAConfig
 from jlora.context import einsum_kernel_view, lora_context, padded_batch_mapping
-from jlora.errors import AdapterMismatchError, MappingError
+from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
 from jlora.merge import merge_adapter
-from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel
+from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 # --------------------------------------------------------------------------------------------
 # Models "written the usual Flax way"
@@ -86,6 +90,50 @@ class LinenTinyLM(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(x)
+
+
+class NNXScanned(nnx.Module):
+    """Three blocks built with nnx.vmap and run with nnx.scan: ``blocks`` is one Linear whose
+    kernel is [3, 8, 8]; ``head`` is an ordinary Linear."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def blocks(rngs):
+            return nnx.Linear(8, 8, rngs=rngs)
+
+        self.blocks = blocks(rngs)
+        self.head = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(x, block):
+            return jnp.tanh(block(x))
+
+        return self.head(run(x, self.blocks))
+
+
+class LinenScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(8, name="fc")(x)), None
+
+
+class LinenStacked(nn.Module):
+    """``pre``, then ``blocks``: three Dense layers under nn.scan, or one under nn.vmap."""
+
+    how: str
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8, name="pre")(x)
+        if self.how == "scan":
+            blocks = nn.scan(
+                LinenScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+            )
+            return blocks(name="blocks")(x, None)[0]
+        dense = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})
+        return dense(8, name="blocks")(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,6 +448,69 @@ def test_packed_modules_serve_separate_peft_modules(rng):
         apply(model, packed_modules={"qkv_proj": (("q_proj", 6), ("k_proj", 4), ("v_proj", 3))})
 
 
+def test_merge_folds_a_packed_adapter_like_serving_it(rng):
+    """A PackedLoRALayerWeights keyed by the fused layer (as the manager serves it and
+    restore_adapter returns it) merges each slice into its own columns."""
+
+    class Fused(nnx.Module):
+        packed_modules_mapping = {"qkv_proj": (("q_proj", 6), ("k_proj", 4), ("v_proj", 4))}
+
+        def __init__(self, rngs):
+            self.qkv_proj = nnx.Linear(8, 14, rngs=rngs)
+
+        def __call__(self, x):
+            return self.qkv_proj(x)
+
+    model = Fused(nnx.Rngs(0))
+    wrapped = apply(model)
+    (target,) = find_targets(wrapped)
+    separate = random_adapter(rng, [target], 1, skip=("k_proj",))
+    slices = tuple(separate.get_lora(n) for n in target.peft_names)
+    packed = PackedLoRALayerWeights(slices=slices, module_name="qkv_proj")
+    adapter = LoRAModel(loras={"qkv_proj": packed}, id=1, name="packed")
+    state, mapping = serve(manager_with([target], [adapter]), [1, None], seq_len=3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    y = nnx_forward(wrapped)(x, state.banks, mapping)
+    merged = merge_adapter(model, adapter)
+    assert_close(y[0], merged(x[0]))
+    assert_close(merged(x), merge_adapter(model, separate)(x))
+    assert np.abs(np.asarray(y[0] - model(x[0]))).max() > 1e-3
+
+    two = PackedLoRALayerWeights(slices=slices[:2], module_name="qkv_proj")
+    with pytest.raises(AdapterMismatchError, match=r"'two' packed module 'qkv_proj' has 2 slices"):
+        merge_adapter(model, LoRAModel(loras={"qkv_proj": two}, id=2, name="two"))
+    with pytest.raises(AdapterMismatchError, match=r"'odd' module 'qkv_proj'.*got dict"):
+        merge_adapter(model, LoRAModel(loras={"qkv_proj": {}}, id=3, name="odd"))
+
+
+def test_wrapped_nnx_model_and_graphdef_pickle(rng):
+    """LoRA classes are made at run time; pickle rebuilds them from their base class, in this
+    process (the cached class) and in a fresh one."""
+    model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    wrapped = apply(model, target_modules=["layers.1"])
+    loaded = pickle.loads(pickle.dumps(wrapped))
+    assert type(loaded.layers[1]) is type(wrapped.layers[1])
+    assert type(loaded.layers[0]) is nnx.Linear
+    assert find_targets(loaded) == find_targets(wrapped)
+    graphdef = nnx.graphdef(wrapped)
+    assert pickle.loads(pickle.dumps(graphdef)) == graphdef
+    targets = find_targets(wrapped)
+    state, mapping = serve(manager_with(targets, [random_adapter(rng, targets, 1)]), [1], seq_len=2)
+    x = jnp.asarray(rng.standard_normal((1, 2, 4)), jnp.float32)
+    np.testing.assert_array_equal(
+        nnx_forward(loaded)(x, state.banks, mapping), nnx_forward(wrapped)(x, state.banks, mapping)
+    )
+    load = (
+        "import pickle, sys; from jlora.apply import find_targets; "
+        "m = pickle.load(sys.stdin.buffer); "
+        "print(type(m.layers[1]).__name__, [t.name for t in find_targets(m)])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", load], input=pickle.dumps(wrapped), capture_output=True, check=True
+    )
+    assert out.stdout.decode().split() == ["LoRALinear", "['layers.1']"]
+
+
 # --------------------------------------------------------------------------------------------
 # Linen
 # --------------------------------------------------------------------------------------------
@@ -482,6 +593,55 @@ def test_target_modules_matching_nothing_name_the_modules():
         apply(model, target_modules=r".*\.q_proj")
     with pytest.raises(AdapterMismatchError, match="match no layer"):
         apply(LinenMLP(), target_modules=["fc3"], sample_args=(jnp.zeros((1, 3)),))
+
+
+def test_bad_target_regex_raises_config_error():
+    with pytest.raises(LoRAConfigError, match=r"target_modules regex 'fc\(' does not compile"):
+        apply(NNXMLP(nnx.Rngs(0)), target_modules="fc(")
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_general", "einsum", "embed"])
+def test_nnx_stacked_layers_are_refused(kind):
+    """nnx.vmap stacks a layer's params along a leading axis (as nnx.scan runs them): one LoRA
+    target cannot serve every layer of the stack."""
+    make = {
+        "linear": lambda rngs: nnx.Linear(8, 6, rngs=rngs),
+        "linear_general": lambda rngs: nnx.LinearGeneral(8, (2, 3), rngs=rngs),
+        "einsum": lambda rngs: nnx.Einsum("btd,dh->bth", (8, 6), rngs=rngs),
+        "embed": lambda rngs: nnx.Embed(8, 6, rngs=rngs),
+    }[kind]
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.split_rngs(splits=3)(nnx.vmap(make, in_axes=(0,), out_axes=0))(rngs)
+            self.head = nnx.Linear(6, 4, rngs=rngs)
+
+    model = Model(nnx.Rngs(0))
+    for kwargs in ({}, {"target_modules": ["blocks"]}):
+        with pytest.raises(AdapterMismatchError, match=r"'blocks'.*\(3, .*stacked.*unroll"):
+            apply(model, **kwargs)
+    assert [t.name for t in find_targets(apply(model, target_modules=["head"]))] == ["head"]
+
+
+def test_nnx_scanned_model_is_refused_by_apply_and_merge():
+    model = NNXScanned(nnx.Rngs(0))
+    model(jnp.zeros((2, 8)))  # a working model: nnx.scan runs the stack
+    with pytest.raises(AdapterMismatchError, match=r"'blocks'.*\(3, 8, 8\).*\(8, 8\).*unroll"):
+        apply(model)
+    w = LoRALayerWeights(lora_a=np.ones((8, 2), np.float32), lora_b=np.ones((2, 8), np.float32))
+    with pytest.raises(AdapterMismatchError, match=r"'blocks'.*\(3, 8, 8\)"):
+        merge_adapter(model, LoRAModel(loras={"blocks": w}, id=1, name="a"))
+
+
+@pytest.mark.parametrize("how,name", [("scan", "blocks.fc"), ("vmap", "blocks")])
+def test_linen_stacked_layers_are_refused(how, name):
+    module, x = LinenStacked(how), jnp.zeros((2, 8))
+    for kwargs in ({}, {"target_modules": [name]}):
+        with pytest.raises(AdapterMismatchError, match=rf"'{name}'.*\(\d, 8, 8\).*unroll"):
+            apply(module, sample_args=(x,), **kwargs)
+    assert [t.name for t in apply(module, target_modules=["pre"], sample_args=(x,)).targets] == [
+        "pre"
+    ]
 
 
 def test_targeting_a_layer_without_an_in_out_view_raises():

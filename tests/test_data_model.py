@@ -99,6 +99,14 @@ class TestWeights:
         with pytest.raises(jlora.LoRAError):
             m.clone(0)
 
+    def test_clone_takes_numpy_ints_not_bools(self, rng):
+        m = LoRAModel(loras={"m": layer(rng)}, id=1, name="sql")
+        c = m.clone(np.int64(4))
+        assert c.id == 4 and type(c.id) is int
+        for bad in (True, 2.0):
+            with pytest.raises(jlora.LoRAError, match=r"'sql'.*ints >= 1"):
+                m.clone(bad)
+
     def test_optimize_returns_new_contiguous_value(self, rng):
         w = layer(rng)
         w = w.replace(lora_a=np.asfortranarray(w.lora_a))
@@ -116,6 +124,17 @@ class TestWeights:
         with pytest.raises(AdapterWeightsError):
             LoRABank(a=bank.a, b=bank.b[:, :2], scale=bank.scale)
 
+    def test_bank_rejects_arrays_of_the_wrong_rank(self):
+        a, b, scale = jnp.zeros((3, 8, 2)), jnp.zeros((3, 2, 4)), jnp.zeros(3)
+        for bad in (
+            dict(a=a[..., 0], b=b, scale=scale),
+            dict(a=a, b=b[..., 0], scale=scale),
+            dict(a=a, b=b, scale=scale[:, None]),
+        ):
+            shapes = r"\(3, 8(, 2)?\).*\(3, 2(, 4)?\).*\(3,( 1)?\)"
+            with pytest.raises(AdapterWeightsError, match=rf"LoRABank.*{shapes}"):
+                LoRABank(**bad)
+
 
 class TestLoRARequest:
     def test_accessors_and_identity(self):
@@ -125,6 +144,15 @@ class TestLoRARequest:
         assert r == same and hash(r) == hash(same)
         with pytest.raises(AttributeError):
             r.lora_int_id = 6  # frozen
+
+    def test_numpy_int_ids_are_ints(self):
+        r = jlora.LoRARequest(lora_name="sql", lora_int_id=np.int64(5), lora_path="/x")
+        assert type(r.lora_int_id) is int and r.adapter_id == 5
+        same = jlora.LoRARequest(lora_name="sql", lora_int_id=5, lora_path="/x")
+        assert r == same and hash(r) == hash(same)
+        for bad in (True, 5.0, np.int64(0)):
+            with pytest.raises(LoRAConfigError, match="lora_int_id must be an int >= 1"):
+                jlora.LoRARequest(lora_name="sql", lora_int_id=bad, lora_path="/x")
 
 
 class TestPEFTConfig:

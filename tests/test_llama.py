@@ -352,6 +352,20 @@ def test_checkpoint_without_weights_or_config(tmp_path):
         from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "field,value", [("num_attention_heads", 0), ("num_key_value_heads", 0), ("head_dim", -2)]
+)
+def test_bad_head_counts_name_the_config_file(tmp_path, field, value):
+    path = copy_checkpoint(BASE, tmp_path)
+    hf = json.loads((path / "config.json").read_text())
+    hf[field] = value
+    if field == "num_attention_heads":
+        hf.pop("head_dim")  # head_dim is then hidden_size // num_attention_heads
+    (path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match=rf"config\.json: .*{field} must be an int >= 1"):
+        from_pretrained(path)
+
+
 def test_adapters_that_do_not_fit_the_llama_are_named(adapters):
     wrapped = apply(from_pretrained(BASE), target_modules=["q_proj", "v_proj"])
     state = mgr.init_state(LoRAConfig(max_loras=2, max_lora_rank=16), find_targets(wrapped))

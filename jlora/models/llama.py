@@ -22,7 +22,7 @@ is written and its output is finite but meaningless. Positions must be ``< max_l
 
 Loading reads ``config.json`` and safetensors (one file, or shards with
 ``model.safetensors.index.json``) with numpy; PyTorch is never imported and pickles are refused.
-Imports jlora.errors only.
+Imports jlora.errors and jlora.config only.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx, struct
 from safetensors import SafetensorError, safe_open
 
+from jlora.config import is_int
 from jlora.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -80,11 +81,18 @@ class LlamaConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        # Checked before anything divides by them (a 0 raised ZeroDivisionError); None is derived.
+        problems = []
+        for f in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+            v = getattr(self, f)
+            if (v is not None or f == "num_attention_heads") and not (is_int(v) and v >= 1):
+                problems.append(f"{f} must be an int >= 1, got {v!r}")
+        if problems:
+            raise CheckpointError("Invalid LlamaConfig: " + "; ".join(problems))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        problems = []
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
