@@ -10,7 +10,8 @@ steps, so adapter churn never recompiles.
 
 Compiled programs: one decode step per engine (shape ``[max_batch, 1]``) and one prefill per
 (prefill rows bucket, prompt length bucket) pair: rows pad to powers of two up to ``max_batch``,
-prompt lengths to ``jlora.mapping.token_bucket``. ``Engine.num_compiled()`` counts them.
+prompt lengths to ``jlora.mapping.token_bucket`` capped at ``max_seq_len`` (so any prompt that
+leaves room for its new tokens is served). ``Engine.num_compiled()`` counts them.
 
 Layout: the KV cache holds ``[max_batch, kv_heads, max_seq_len, head_dim]`` per layer; a row's
 tokens sit at their absolute positions. Rows without a request decode at position -1, which writes
@@ -179,14 +180,14 @@ class Engine:
         loops call it once, before traffic."""
         start = time.perf_counter()
         self.state = manager.warmup(self.state)
-        for bucket in sorted({token_bucket(n) for n in prompt_lengths}):
-            # The shortest prompt of the bucket, so that its 2 new tokens fit max_seq_len.
-            length = next(n for n in range(1, bucket + 1) if token_bucket(n) == bucket)
-            if bucket > self.max_seq_len or length + 2 > self.max_seq_len:
-                continue  # generate refuses such prompts: nothing to compile
+        servable = [n for n in prompt_lengths if n < self.max_seq_len]  # others are refused
+        for bucket in sorted({self._bucket(n) for n in servable}):
+            # The bucket's shortest prompt, so that its new tokens (2: a decode step) fit.
+            length = next(n for n in range(1, bucket + 1) if self._bucket(n) == bucket)
+            params = SamplingParams(max_tokens=min(2, self.max_seq_len - length))
             rows = 1
             while rows <= self.max_batch:
-                self.generate([[0] * length] * rows, None, SamplingParams(max_tokens=2))
+                self.generate([[0] * length] * rows, None, params)
                 rows *= 2
         return time.perf_counter() - start
 
@@ -278,17 +279,19 @@ class Engine:
         prompt = prompt.astype(np.int32)
         if params is None or not isinstance(params, SamplingParams):
             raise LoRAConfigError(f"sampling_params[{i}] must be a SamplingParams")
-        if token_bucket(prompt.size) > self.max_seq_len or (
-            prompt.size + params.max_tokens > self.max_seq_len
-        ):
+        if prompt.size + params.max_tokens > self.max_seq_len:
             raise LoRAConfigError(
-                f"prompt {i}: {prompt.size} prompt tokens (bucket {token_bucket(prompt.size)}) + "
-                f"max_tokens={params.max_tokens} exceed max_seq_len={self.max_seq_len}"
+                f"prompt {i}: {prompt.size} prompt tokens + max_tokens={params.max_tokens} exceed "
+                f"max_seq_len={self.max_seq_len}"
             )
         if request is not None and not isinstance(request, LoRARequest):
             raise LoRAConfigError(f"lora_requests[{i}] must be a LoRARequest or None")
         adapter_id = BASE if request is None else request.adapter_id
         return _Seq(i, prompt, params, adapter_id, None if request is None else request.name)
+
+    def _bucket(self, prompt_len: int) -> int:
+        """Padded prompt length of a prefill: the token bucket, capped at the cache length."""
+        return min(token_bucket(prompt_len), self.max_seq_len)
 
     def _admit(self, waiting: deque[_Seq], rows: list[_Seq | None]) -> list[tuple[int, _Seq]]:
         """Moves waiting requests into free rows while their adapters fit the device slots.
@@ -319,7 +322,7 @@ class Engine:
     def _run_prefill(self, admitted, rows, on_token) -> None:
         n = len(admitted)
         nb = min(1 << (n - 1).bit_length(), self.max_batch)
-        length = token_bucket(max(s.prompt.size for _, s in admitted))
+        length = self._bucket(max(s.prompt.size for _, s in admitted))
         ids = np.zeros((nb, length), np.int32)
         positions = np.full((nb, length), -1, np.int32)
         last = np.zeros(nb, np.int32)

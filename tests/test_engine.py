@@ -222,3 +222,22 @@ def test_a_bad_adapter_in_generate_registers_none(base_model, requests, tmp_path
     assert engine.list_loras() == ()
     out = engine.generate([[1, 2]], [requests[ADAPTERS[0]]], SamplingParams(max_tokens=2))
     assert len(out[0].tokens) == 2 and [i.id for i in engine.list_loras()] == [1]
+
+
+def test_a_prompt_whose_bucket_passes_max_seq_len_is_served(base_model, requests):
+    # 35 tokens pad to bucket 64 > max_seq_len = 40, yet 35 + 5 new tokens fit: the prefill
+    # pads to 40 instead. The same request in a roomier engine (bucket 64) is the reference.
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16)
+    prompt = np.random.default_rng(4).integers(0, 128, 35).tolist()
+    request, params = requests[ADAPTERS[0]], SamplingParams(max_tokens=5)
+    tight = Engine(base_model, config, max_batch=2, max_seq_len=40)
+    tight.warmup([35])
+    compiled = tight.num_compiled()
+    out = tight.generate([prompt, prompt[:3]], [request, None], params)
+    assert tight.num_compiled() == compiled
+    roomy = Engine(base_model, config, max_batch=2, max_seq_len=72)
+    want = roomy.generate([prompt, prompt[:3]], [request, None], params)
+    assert [o.tokens for o in out] == [o.tokens for o in want]
+    assert len(out[0].tokens) == 5
+    with pytest.raises(jlora.LoRAConfigError, match="35 prompt tokens \\+ max_tokens=6"):
+        tight.generate([prompt], None, SamplingParams(max_tokens=6))
