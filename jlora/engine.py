@@ -83,6 +83,7 @@ class _Seq:
     params: SamplingParams
     adapter_id: int
     adapter_name: str | None
+    seed: int
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
@@ -160,6 +161,7 @@ class Engine:
             functools.partial(_decode_step, graphdef), donate_argnames=("cache",)
         )
         self.stats = EngineStats()
+        self._seeds = np.random.default_rng()  # for requests without a seed of their own
 
     # Adapters ------------------------------------------------------------------------------
 
@@ -287,7 +289,9 @@ class Engine:
         if request is not None and not isinstance(request, LoRARequest):
             raise LoRAConfigError(f"lora_requests[{i}] must be a LoRARequest or None")
         adapter_id = BASE if request is None else request.adapter_id
-        return _Seq(i, prompt, params, adapter_id, None if request is None else request.name)
+        seed = int(self._seeds.integers(2**32)) if params.seed is None else params.seed
+        name = None if request is None else request.name
+        return _Seq(i, prompt, params, adapter_id, name, seed)
 
     def _bucket(self, prompt_len: int) -> int:
         """Padded prompt length of a prefill: the token bucket, capped at the cache length."""
@@ -393,7 +397,7 @@ def _sampling_arrays(seqs: Sequence[_Seq | None], size: int, steps) -> tuple[jax
     for k, s in enumerate(seqs):
         if s is not None:
             p = s.params
-            temperature[k], top_k[k], top_p[k], seeds[k] = p.temperature, p.top_k, p.top_p, p.seed
+            temperature[k], top_k[k], top_p[k], seeds[k] = p.temperature, p.top_k, p.top_p, s.seed
     steps = np.broadcast_to(np.asarray(steps, np.int32), (size,))
     return tuple(jnp.asarray(a) for a in (temperature, top_k, top_p, seeds, steps))
 

@@ -29,7 +29,9 @@ class SamplingParams:
       temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature).
       top_k: keep the k most likely tokens (0 = all).
       top_p: keep the smallest set of tokens whose probability reaches top_p (1.0 = all).
-      seed: seed of this request's random stream (sampled requests are reproducible).
+      seed: seed of this request's random stream: a sampled request with a seed is
+        reproducible; with None (the default, as in vLLM) the engine draws a fresh seed for
+        each request, so requests sharing these params sample independently.
       stop_token_ids: generation ends after any of these tokens (it is included in the output).
       logprobs: also return the log-probability of each generated token.
     """
@@ -38,7 +40,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = False
 
@@ -57,8 +59,8 @@ class SamplingParams:
             problems.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
-            problems.append(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**32):
+            problems.append(f"seed must be None or an int in [0, 2**32), got {self.seed!r}")
         if problems:
             raise LoRAConfigError("Invalid SamplingParams: " + "; ".join(problems))
 

@@ -241,3 +241,13 @@ def test_a_prompt_whose_bucket_passes_max_seq_len_is_served(base_model, requests
     assert len(out[0].tokens) == 5
     with pytest.raises(jlora.LoRAConfigError, match="35 prompt tokens \\+ max_tokens=6"):
         tight.generate([prompt], None, SamplingParams(max_tokens=6))
+
+
+def test_requests_without_a_seed_sample_independently(engine):
+    prompt = prompts_for(1, seed=11)[0]
+    free = SamplingParams(max_tokens=8, temperature=2.0)
+    outs = engine.generate([prompt] * 4, None, free)
+    assert len({o.tokens for o in outs}) > 1  # 4 equal 8-token draws at T=2: vanishingly unlikely
+    seeded = SamplingParams(max_tokens=8, temperature=2.0, seed=5)
+    outs = engine.generate([prompt] * 2, None, seeded)
+    assert outs[0].tokens == outs[1].tokens

@@ -99,7 +99,7 @@ def test_top_k_and_top_p_together_keep_their_intersection():
         dict(top_p=None),
         dict(seed=-1),
         dict(seed=2**32),
-        dict(seed=None),
+        dict(seed=True),
         dict(seed=1.5),
         dict(stop_token_ids=5),
         dict(stop_token_ids=("a",)),
@@ -109,3 +109,8 @@ def test_top_k_and_top_p_together_keep_their_intersection():
 def test_bad_params(kwargs):
     with pytest.raises(LoRAConfigError):
         SamplingParams(**kwargs)
+
+
+def test_seed_defaults_to_none_and_takes_numpy_ints():
+    assert SamplingParams().seed is None
+    assert SamplingParams(seed=np.uint32(7)).seed == 7
