@@ -58,7 +58,6 @@ class _Layer:
     out_dim: int = 0
     view: LayerView | None = None
     unsupported: str | None = None
-    stacked: bool = False  # params stacked by scan/vmap: refused even when not named explicitly
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,8 +92,9 @@ def apply(
 
     Raises:
       AdapterMismatchError: ``target_modules`` (or one of its entries) matches no layer, or matches
-        a layer jlora cannot wrap; a packed layer's slices do not add up to its output dim; a
-        selected layer is stacked with ``nnx.vmap``/``nnx.scan`` or ``nn.scan``/``nn.vmap``.
+        a layer jlora cannot wrap (one stacked with ``nnx.vmap``/``nnx.scan`` or
+        ``nn.scan``/``nn.vmap``, for instance: the default selection skips those); a packed
+        layer's slices do not add up to its output dim.
       LoRAConfigError: a ``target_modules`` regex that does not compile.
 
     The wrapped model's forward is the model's own; LoRA state comes from ``jlora.lora_context``.
@@ -166,7 +166,7 @@ def _select(
         slices = _slices(layer, packed)
         names = (layer.name, *(n for n, _ in slices))
         if not explicit:
-            matched = layer.unsupported is None or layer.stacked
+            matched = layer.unsupported is None
         elif all_linear:
             matched = layer.kind == "linear" and layer.name.split(".")[-1] != "lm_head"
         else:
@@ -180,9 +180,9 @@ def _select(
         if not matched:
             continue
         if layer.unsupported is not None:
-            who = f"target_modules {target_modules!r} matches" if explicit else "apply selects"
             raise AdapterMismatchError(
-                f"{who} layer {layer.name!r}, which jlora cannot wrap: {layer.unsupported}"
+                f"target_modules {target_modules!r} matches layer {layer.name!r}, which jlora "
+                f"cannot wrap: {layer.unsupported}"
             )
         targets.append(
             TargetModule(
@@ -236,7 +236,6 @@ def _stacked_layer(name: str, kind: str, stored, per_call) -> _Layer:
     return _Layer(
         name,
         kind,
-        stacked=True,
         unsupported=(
             f"its parameters are stored as {stored} but one call of the layer uses {per_call}; "
             "layers stacked with nnx.vmap/nnx.scan or nn.scan/nn.vmap are not supported: unroll "

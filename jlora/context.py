@@ -77,7 +77,9 @@ def lora_context(
 
     Contexts nest; the innermost one wins. Enter it inside ``jax.jit`` (see the module docstring):
     a wrapped layer traced under a transformation while the context holds concrete arrays raises,
-    because those arrays would be baked into the compiled program as constants.
+    because those arrays would be baked into the compiled program as constants. Under
+    ``jax.vmap`` the mapping applies to each vmapped call as a whole: to vmap over the batch,
+    enter the context inside the vmapped function with each example's own mapping.
     """
     if impl not in ops.IMPLS:
         raise LoRAConfigError(f"lora_context: impl={impl!r} is not one of {ops.IMPLS}")
@@ -306,7 +308,6 @@ def lora_forward(target: TargetModule, view: LayerView, x: jax.Array, y: jax.Arr
         return y
     _check_banks(target, banks)
     _check_traced(target, x, banks, ctx.mapping)
-    _check_vmapped(target, x, ctx.mapping)
     x2, y2 = view.tokens_in(x), view.tokens_out(y)
     in_dim = None if target.is_embedding else x2.shape[-1]
     if y2.shape[-1] != target.out_dim or in_dim not in (None, target.in_dim):
@@ -346,23 +347,6 @@ def _check_banks(target: TargetModule, banks: tuple[LoRABank, ...]) -> None:
                 f"bank for {peft_name!r} is [{what}={bank.input_dim}, out={bank.output_dim}] but "
                 f"layer {target.name!r} needs [{what}={target.in_dim}, out={out}]"
             )
-
-
-def _check_vmapped(target: TargetModule, x, mapping: LoRAMapping) -> None:
-    # Under jax.vmap the layer sees one example while a mapping from outside the vmap indexes the
-    # whole batch: its rows would be misread (silently when an example's rows equal the batch
-    # size, as they then pass for one row per sequence). A mapping vmapped with x is per example.
-    if _is_vmapped(x) and not _is_vmapped(mapping.token_slots):
-        raise MappingError(
-            f"layer {target.name!r} is called under jax.vmap with a LoRAMapping from outside it, "
-            "which describes the whole batch, not one example: pass per-example mappings "
-            "through the vmap with the inputs (enter lora_context inside the vmapped function), "
-            "or call the model on the batch without vmap"
-        )
-
-
-def _is_vmapped(v) -> bool:
-    return isinstance(v, jax.core.Tracer) and hasattr(v, "batch_dim")  # jax's BatchTracer
 
 
 def _check_traced(target: TargetModule, x, banks, mapping: LoRAMapping) -> None:

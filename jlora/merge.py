@@ -62,6 +62,7 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
     if missing:
         raise AdapterMismatchError(
             f"adapter {adapter.name!r} targets modules the model lacks: {sorted(missing)[:8]}"
+            f" ({_why_unserved(model, sorted(missing))})"
         )
     merged = nnx.clone(model)
     modules = {".".join(str(p) for p in path): m for path, m in nnx.iter_modules(merged)}
@@ -103,3 +104,13 @@ def _merge_bias(module, name: str, offset: int, width: int, delta) -> None:
     value = bias.get_value()
     flat = value.reshape(-1).at[offset : offset + width].add(jnp.asarray(delta, value.dtype))
     bias.set_value(flat.reshape(value.shape))
+
+
+def _why_unserved(model: nnx.Module, names: list[str]) -> str:
+    """What ``apply`` says when asked for these modules by name: no such layer, or a layer it
+    cannot wrap (one stacked by scan, say), which its default selection skips in silence."""
+    try:
+        apply(model, target_modules=names)
+    except AdapterMismatchError as e:
+        return str(e)
+    return "no layer has exactly these names; adapter modules are full module paths"

@@ -617,31 +617,36 @@ def test_nnx_stacked_layers_are_refused(kind):
             self.head = nnx.Linear(6, 4, rngs=rngs)
 
     model = Model(nnx.Rngs(0))
-    for kwargs in ({}, {"target_modules": ["blocks"]}):
-        with pytest.raises(AdapterMismatchError, match=r"'blocks'.*\(3, .*stacked.*unroll"):
-            apply(model, **kwargs)
-    assert [t.name for t in find_targets(apply(model, target_modules=["head"]))] == ["head"]
+    with pytest.raises(AdapterMismatchError, match=r"'blocks'.*\(3, .*stacked.*unroll"):
+        apply(model, target_modules=["blocks"])
+    # The default selection skips the stack, as any layer jlora cannot wrap.
+    assert [t.name for t in find_targets(apply(model))] == ["head"]
 
 
 def test_nnx_scanned_model_is_refused_by_apply_and_merge():
     model = NNXScanned(nnx.Rngs(0))
-    model(jnp.zeros((2, 8)))  # a working model: nnx.scan runs the stack
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8)), jnp.float32)
+    model(x)  # a working model: nnx.scan runs the stack
     with pytest.raises(AdapterMismatchError, match=r"'blocks'.*\(3, 8, 8\).*\(8, 8\).*unroll"):
-        apply(model)
+        apply(model, target_modules=["blocks"])
     w = LoRALayerWeights(lora_a=np.ones((8, 2), np.float32), lora_b=np.ones((2, 8), np.float32))
-    with pytest.raises(AdapterMismatchError, match=r"'blocks'.*\(3, 8, 8\)"):
+    with pytest.raises(AdapterMismatchError, match=r"lacks: \['blocks'\].*\(3, 8, 8\).*unroll"):
         merge_adapter(model, LoRAModel(loras={"blocks": w}, id=1, name="a"))
+    # An adapter of the model's other layers still merges.
+    h = LoRALayerWeights(lora_a=np.ones((8, 2), np.float32), lora_b=np.ones((2, 4), np.float32))
+    merged = merge_adapter(model, LoRAModel(loras={"head": h}, id=2, name="b"))
+    np.testing.assert_allclose(
+        merged.head.kernel.get_value() - model.head.kernel.get_value(), h.delta_weight(), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("how,name", [("scan", "blocks.fc"), ("vmap", "blocks")])
 def test_linen_stacked_layers_are_refused(how, name):
     module, x = LinenStacked(how), jnp.zeros((2, 8))
-    for kwargs in ({}, {"target_modules": [name]}):
-        with pytest.raises(AdapterMismatchError, match=rf"'{name}'.*\(\d, 8, 8\).*unroll"):
-            apply(module, sample_args=(x,), **kwargs)
-    assert [t.name for t in apply(module, target_modules=["pre"], sample_args=(x,)).targets] == [
-        "pre"
-    ]
+    with pytest.raises(AdapterMismatchError, match=rf"'{name}'.*\(\d, 8, 8\).*unroll"):
+        apply(module, sample_args=(x,), target_modules=[name])
+    for kwargs in ({}, {"target_modules": ["pre"]}):  # the default selection skips the stack
+        assert [t.name for t in apply(module, sample_args=(x,), **kwargs).targets] == ["pre"]
 
 
 def test_targeting_a_layer_without_an_in_out_view_raises():
