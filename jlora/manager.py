@@ -880,11 +880,9 @@ def _slot_values(layout: _Layout, model: LoRAModel):
         for j, out in enumerate(target.out_dims):
             layer = placed.get((i, j))
             if layer is None:
-                a_shape, b_shape = ((rank, target.in_dim), (out, rank))
-                if not torch_order:
-                    a_shape, b_shape = a_shape[::-1], b_shape[::-1]
-                a_row.append(_zeros(a_shape, dtype))
-                b_row.append(_zeros(b_shape, dtype))
+                a, b = _zero_slice(rank, target.in_dim, out, dtype, torch_order)
+                a_row.append(a)
+                b_row.append(b)
                 scales.append(0.0)
                 continue
             if torch_order:
@@ -909,15 +907,21 @@ def _base_slot_values(layout: _Layout, torch_order: bool):
     rank, dtype = layout.config.max_lora_rank, layout.dtype
     a_vals, b_vals = [], []
     for target in layout.targets:
-        a_shapes = [(rank, target.in_dim)] * len(target.out_dims)
-        b_shapes = [(out, rank) for out in target.out_dims]
-        if not torch_order:
-            a_shapes = [s[::-1] for s in a_shapes]
-            b_shapes = [s[::-1] for s in b_shapes]
-        a_vals.append(tuple(_zeros(s, dtype) for s in a_shapes))
-        b_vals.append(tuple(_zeros(s, dtype) for s in b_shapes))
+        zeros = [
+            _zero_slice(rank, target.in_dim, out, dtype, torch_order) for out in target.out_dims
+        ]
+        a_vals.append(tuple(a for a, _ in zeros))
+        b_vals.append(tuple(b for _, b in zeros))
     n = sum(len(t.out_dims) for t in layout.targets)
     return tuple(a_vals), tuple(b_vals), np.zeros(n, np.float32), torch_order
+
+
+def _zero_slice(rank: int, in_dim: int, out: int, dtype: np.dtype, torch_order: bool):
+    """A and B of a slice an adapter does not target: ``[in, R]``/``[R, out]`` zeros, or
+    ``[R, in]``/``[out, R]`` in PyTorch's order (read-only, shared)."""
+    if torch_order:
+        return _zeros((rank, in_dim), dtype), _zeros((out, rank), dtype)
+    return _zeros((in_dim, rank), dtype), _zeros((rank, out), dtype)
 
 
 def _is_transposed_view(x, dtype: np.dtype) -> bool:
