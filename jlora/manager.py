@@ -67,6 +67,7 @@ from jlora.errors import (
     AdapterWeightsError,
     CapacityError,
     DonatedStateError,
+    LoRAConfigError,
     UnknownAdapterError,
 )
 from jlora.hostio import count_nonfinite
@@ -269,10 +270,8 @@ def init_state(
             index[peft_name] = (i, j)
     bank_dtype = np.dtype(config.jnp_dtype(jnp.float32 if dtype is None else dtype))
     num_slots = config.max_loras + 1
-    if shardings is not None and set(shardings) != set(by_name):
-        raise AdapterMismatchError(
-            f"shardings are given for targets {sorted(shardings)}, the state has {sorted(by_name)}"
-        )
+    if shardings is not None:
+        _check_shardings(targets, shardings, num_slots, config.max_lora_rank)
     bank_list = tuple(
         tuple(
             LoRABank.zeros(
@@ -304,6 +303,42 @@ def init_state(
         lru=(),
         pinned=frozenset(),
     )
+
+
+def _check_shardings(targets, shardings, num_slots: int, rank: int) -> None:
+    """Every target has one ``LoRABank`` of ``jax.sharding.Sharding`` s per slice, each dividing
+    its array: checked before any allocation, with the target named (JAX's errors name none)."""
+    names = {t.name for t in targets}
+    if set(shardings) != names:
+        raise AdapterMismatchError(
+            f"shardings are given for targets {sorted(shardings)}, the state has {sorted(names)}"
+        )
+    for t in targets:
+        given = tuple(shardings[t.name])
+        if len(given) != len(t.out_dims):
+            raise AdapterMismatchError(
+                f"target {t.name!r} has {len(t.out_dims)} slices {t.peft_names} but "
+                f"{len(given)} bank shardings; build them with jlora.sharding.bank_shardings"
+            )
+        for bank, out, peft_name in zip(given, t.out_dims, t.peft_names, strict=True):
+            shapes = {"a": (num_slots, t.in_dim, rank), "b": (num_slots, rank, out)}
+            shapes["scale"] = (num_slots,)
+            for field, shape in shapes.items():
+                sharding = getattr(bank, field, None)
+                if not isinstance(sharding, jax.sharding.Sharding):
+                    raise LoRAConfigError(
+                        f"{peft_name}: bank sharding {field!r} is {type(sharding).__name__}, not "
+                        "a jax.sharding.Sharding (jlora.sharding.bank_shardings gives them; "
+                        "bank_specs gives PartitionSpecs)"
+                    )
+                try:
+                    sharding.shard_shape(shape)
+                except ValueError as e:
+                    raise LoRAConfigError(
+                        f"{peft_name} LoRA {field} {shape} does not divide over its sharding "
+                        f"({e}); fully sharded LoRA splits the rank: make "
+                        "LoRAConfig.max_lora_rank a multiple of the model axis size"
+                    ) from None
 
 
 # ---------------------------------------------------------------------------------------------

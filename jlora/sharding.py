@@ -72,11 +72,11 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora.apply import find_targets
-from jlora.errors import LoRAConfigError
+from jlora.errors import AdapterMismatchError, LoRAConfigError
 from jlora.mapping import LoRAMapping
 from jlora.models.llama import KVCache, LlamaConfig
 from jlora.targets import TargetModule
@@ -140,6 +140,28 @@ def make_mesh(data: int = 1, model: int | None = None, *, devices=None) -> Mesh:
     )
 
 
+def check_mesh(mesh: Mesh) -> None:
+    """Raises ``LoRAConfigError`` unless ``mesh`` has the ``data`` and ``model`` axes, both
+    ``AxisType.Auto`` (``jax.make_mesh`` makes Explicit axes by default, which JAX's sharding
+    checks then refuse deep inside a slot write); ``make_mesh`` builds a right one."""
+    if not isinstance(mesh, Mesh | AbstractMesh):
+        raise LoRAConfigError(f"expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    missing = [a for a in (DATA, MODEL) if a not in types]
+    if missing:
+        raise LoRAConfigError(
+            f"the mesh has axes {list(mesh.axis_names)}, not {missing}: jlora's shardings use "
+            f"{DATA!r} and {MODEL!r}; build it with jlora.sharding.make_mesh"
+        )
+    explicit = [a for a in (DATA, MODEL) if types[a] != AxisType.Auto]
+    if explicit:
+        raise LoRAConfigError(
+            f"mesh axes {explicit} are {[str(types[a]) for a in explicit]}, not AxisType.Auto: "
+            "jlora relies on XLA propagating shardings; build the mesh with "
+            "jlora.sharding.make_mesh (or pass axis_types=(AxisType.Auto,) * 2 to jax.make_mesh)"
+        )
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -179,6 +201,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, specs: nnx.State | None = None) -
     Every split dim is checked before anything moves: ``LoRAConfigError`` names the parameter
     whose dim its mesh axis does not divide.
     """
+    check_mesh(mesh)
     specs = llama_param_specs(model) if specs is None else specs
     graphdef, state = nnx.split(model)
 
@@ -284,6 +307,7 @@ def bank_shardings(
     >>> bank_shardings([t], mesh, fully_sharded=True)["layers.0.o_proj"][0].a.spec
     P(None, 'model', None)
     """
+    check_mesh(mesh)
     specs = bank_specs(targets, styles, fully_sharded=fully_sharded)
     by_name = {t.name: t for t in targets}
     out = {}
@@ -309,6 +333,12 @@ def shard_state(state: AdapterManagerState, shardings: BankShardings) -> Adapter
     Raises ``LoRAConfigError`` before any transfer when a target has no shardings or when
     ``max_lora_rank`` does not divide over the mesh axis that splits it (fully sharded LoRA).
     """
+    extra = set(shardings) - {t.name for t in state.targets}
+    if extra:
+        raise AdapterMismatchError(
+            f"shardings are given for targets {sorted(extra)} the state does not have; build "
+            "them with bank_shardings from the same targets as the state"
+        )
     placements = []
     for target, banks in zip(state.targets, state.bank_list, strict=True):
         placed = shardings.get(target.name)
@@ -354,6 +384,7 @@ def mapping_shardings(mapping: LoRAMapping, mesh: Mesh) -> LoRAMapping:
     """Shardings for a ``LoRAMapping``: token and sequence slots split on ``data`` with the batch
     rows they follow (tokens are laid out row after row), the slot-sorted order and the per-slot
     counts replicated (they index the whole batch)."""
+    check_mesh(mesh)
     data = mesh.shape[DATA]
     split = NamedSharding(mesh, P(DATA))
     whole = replicated(mesh)
@@ -372,6 +403,7 @@ def shard_batch(mesh: Mesh, mapping: LoRAMapping, *arrays) -> tuple:
     array (``ids [B, L]``, ``positions [B, L]``, ...) split on ``data`` along its leading batch
     dim. Every process passes the same global values (the host bookkeeping that builds them is
     deterministic), so this also places a batch on a multi-host mesh."""
+    check_mesh(mesh)
     for i, x in enumerate(arrays):
         _check_divisible(f"batch array {i}", x.shape, P(DATA), mesh)
     mapping = jax.tree.map(place, mapping, mapping_shardings(mapping, mesh))
@@ -381,6 +413,7 @@ def shard_batch(mesh: Mesh, mapping: LoRAMapping, *arrays) -> tuple:
 def kv_cache_shardings(config: LlamaConfig, mesh: Mesh) -> KVCache:
     """Each layer's ``k, v [batch, kv_heads, max_len, head_dim]``: batch split on ``data``, KV
     heads on ``model`` when they divide (else replicated over ``model``)."""
+    check_mesh(mesh)
     heads = MODEL if config.num_key_value_heads % mesh.shape[MODEL] == 0 else None
     s = (NamedSharding(mesh, P(DATA, heads, None, None)),) * config.num_hidden_layers
     return KVCache(k=s, v=s)
@@ -474,6 +507,7 @@ __all__ = [
     "bank_specs",
     "bank_specs_of",
     "batch_sharding",
+    "check_mesh",
     "kv_cache_shardings",
     "kv_cache_zeros",
     "layer_styles",

@@ -384,3 +384,34 @@ def test_layouts_a_mesh_cannot_hold_raise_before_placing_anything():
         sh.make_mesh(2, 4, devices=jax.devices()[:1])
     with pytest.raises(LoRAConfigError, match=r"style 'diagonal'"):
         sh.bank_specs(even, {"l.up_proj": "diagonal"})
+
+
+def test_meshes_and_shardings_jlora_cannot_use_are_named():
+    from jlora.errors import AdapterMismatchError
+
+    even = [target("l.up_proj")]
+    wrong_names = AbstractMesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+    explicit = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    mapping = LoRAMapping.build([1, 0], [1, 1], num_slots=2, num_tokens=16, num_seqs=2)
+    config = LlamaConfig.from_hf(json.loads((FIXTURES / "tiny_llama" / "config.json").read_text()))
+    for mesh, fragment in ((wrong_names, "not \\['data', 'model'\\]"), (explicit, "AxisType.Auto")):
+        for call, arg in (
+            (sh.bank_shardings, even),
+            (sh.mapping_shardings, mapping),
+            (sh.kv_cache_shardings, config),
+        ):
+            with pytest.raises(LoRAConfigError, match=fragment):
+                call(arg, mesh)
+    # init_state checks its shardings before allocating, as shard_state does.
+    mesh = abstract_mesh(1, 8)
+    cfg = LoRAConfig(max_loras=1, max_lora_rank=12)
+    fully = sh.bank_shardings(even, mesh, fully_sharded=True)
+    with pytest.raises(LoRAConfigError, match=r"up_proj\.0 LoRA a .*max_lora_rank a multiple"):
+        mgr.init_state(cfg, even, shardings=fully)
+    with pytest.raises(AdapterMismatchError, match=r"1 slices .* 0 bank shardings"):
+        mgr.init_state(cfg, even, shardings={"l.up_proj": ()})
+    with pytest.raises(LoRAConfigError, match="bank_specs gives PartitionSpecs"):
+        mgr.init_state(cfg, even, shardings=sh.bank_specs(even))
+    state = mgr.init_state(cfg, even)
+    with pytest.raises(AdapterMismatchError, match=r"\['l\.other'\] the state does not have"):
+        sh.shard_state(state, {**fully, "l.other": fully["l.up_proj"]})
