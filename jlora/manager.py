@@ -321,8 +321,11 @@ def _check_shardings(targets, shardings, num_slots: int, rank: int) -> None:
                 f"{len(given)} bank shardings; build them with jlora.sharding.bank_shardings"
             )
         for bank, out, peft_name in zip(given, t.out_dims, t.peft_names, strict=True):
-            shapes = {"a": (num_slots, t.in_dim, rank), "b": (num_slots, rank, out)}
-            shapes["scale"] = (num_slots,)
+            shapes = {
+                "a": (num_slots, t.in_dim, rank),
+                "b": (num_slots, rank, out),
+                "scale": (num_slots,),
+            }
             for field, shape in shapes.items():
                 sharding = getattr(bank, field, None)
                 if not isinstance(sharding, jax.sharding.Sharding):

@@ -42,9 +42,8 @@ class LoRARequest:
         if problems:
             raise LoRAConfigError(f"Invalid LoRARequest {self.lora_name!r}: " + "; ".join(problems))
         object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
-        object.__setattr__(
-            self, "lora_int_id", int(self.lora_int_id)
-        )  # a Python int, whatever int was given
+        # A Python int, whatever int was given (a NumPy one hashes and prints differently).
+        object.__setattr__(self, "lora_int_id", int(self.lora_int_id))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, LoRARequest) and self.lora_int_id == other.lora_int_id
