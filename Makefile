@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
+# XLA's CUDA compiler (no driver or toolkit needed) for tests/test_cuda_compile.py, installed
+# beside the venv (--target) so that only that test's subprocess sees it; Linux wheels only.
+CUDA_COMPILER := $(VENV)/cuda-compiler
+
 .PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
@@ -14,10 +18,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+$(CUDA_COMPILER)/.installed: $(STAMP)
+	@if [ "$$(uname -s)" = Linux ]; then \
+	  v=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') && rm -rf $(CUDA_COMPILER) && \
+	  $(PY) -m pip install -q --no-deps --target $(CUDA_COMPILER) \
+	    "jax-cuda12-pjrt==$$v" "jax-cuda12-plugin==$$v" && touch $@; \
+	else echo "No CUDA compiler wheels for $$(uname -s): tests/test_cuda_compile.py skips."; fi
+
 demo: $(STAMP)
 	$(VENV)/bin/jlora demo
 
-test: $(STAMP)
+test: $(STAMP) $(CUDA_COMPILER)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 

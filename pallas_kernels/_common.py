@@ -21,6 +21,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def reduction_trips(slot: jax.Array, in_features: int, block_k: int) -> jax.Array:
+    """Trip count of a shrink's loop over `in_features`: none for slot 0 ("no adapter").
+
+    The operands are int32 on purpose: Pallas's Triton lowering of `select_n` gives weak-typed
+    literals the predicate's type, so `jnp.where(slot == 0, 0, n)` became an i1 loop bound that
+    Triton refuses to compile (seen only when compiling for a GPU, not in interpret mode).
+    """
+    return jnp.where(slot == 0, jnp.int32(0), jnp.int32(cdiv(in_features, block_k)))
+
+
 def pow2_at_least(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(n, minimum): Triton tensor dims are powers of two >= 16."""
     return max(minimum, 1 << max(n - 1, 0).bit_length())

@@ -22,7 +22,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import as_slices, cdiv, check_int_vector, pow2_at_least, slice_blocks
+from pallas_kernels._common import (
+    as_slices,
+    check_int_vector,
+    pow2_at_least,
+    reduction_trips,
+    slice_blocks,
+)
 from pallas_kernels.config import GatheredConfig
 
 __all__ = ["gathered_shrink", "gathered_shrink_reference"]
@@ -67,8 +73,7 @@ def _gathered_shrink_kernel(
 
             acc = jnp.zeros((block_r,), jnp.float32)
             # Slot 0 ("no adapter") skips the reduction and stores zeros.
-            trips = jnp.where(slot == 0, 0, cdiv(in_features, block_k))
-            acc = lax.fori_loop(0, trips, body, acc)
+            acc = lax.fori_loop(0, reduction_trips(slot, in_features, block_k), body, acc)
             plgpu.store(h_ref.at[t, pl.ds(r0, block_r)], acc, mask=r_ok)
 
 

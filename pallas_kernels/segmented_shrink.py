@@ -26,9 +26,9 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._common import (
     EXACT_DOT,
     as_slices,
-    cdiv,
     check_int_vector,
     pow2_at_least,
+    reduction_trips,
     slice_blocks,
 )
 from pallas_kernels.config import SegmentedConfig
@@ -92,8 +92,7 @@ def _segmented_shrink_kernel(
 
             acc = jnp.zeros((block_t, block_r), jnp.float32)
             # Slot 0 ("no adapter") skips the reduction and stores zeros.
-            trips = jnp.where(slot == 0, 0, cdiv(in_features, block_k))
-            acc = lax.fori_loop(0, trips, body, acc)
+            acc = lax.fori_loop(0, reduction_trips(slot, in_features, block_k), body, acc)
             plgpu.store(h_ref.at[rows[:, None], cols[None, :]], acc, mask=out_mask)
 
 
