@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-# XLA's CUDA compiler (no driver or toolkit needed) for tests/test_cuda_compile.py, installed
-# beside the venv (--target) so that only that test's subprocess sees it; Linux wheels only.
+# XLA's CUDA compiler and ptxas (no driver or system toolkit needed) for
+# tests/test_cuda_compile.py, installed beside the venv (--target) so that only that test's
+# subprocess sees it; Linux wheels only.
 CUDA_COMPILER := $(VENV)/cuda-compiler
 
 .PHONY: demo test lint bench clean
@@ -21,8 +22,8 @@ $(STAMP): pyproject.toml
 $(CUDA_COMPILER)/.installed: $(STAMP)
 	@if [ "$$(uname -s)" = Linux ]; then \
 	  v=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') && rm -rf $(CUDA_COMPILER) && \
-	  $(PY) -m pip install -q --no-deps --target $(CUDA_COMPILER) \
-	    "jax-cuda12-pjrt==$$v" "jax-cuda12-plugin==$$v" && touch $@; \
+	  $(PY) -m pip install -q --no-deps --target $(CUDA_COMPILER) "jax-cuda12-pjrt==$$v" \
+	    "jax-cuda12-plugin==$$v" "nvidia-cuda-nvcc-cu12>=12.6.85,<13" && touch $@; \
 	else echo "No CUDA compiler wheels for $$(uname -s): tests/test_cuda_compile.py skips."; fi
 
 demo: $(STAMP)

@@ -5,12 +5,9 @@
 - `"pallas"`: the Punica-style Pallas/Triton kernels of `pallas_kernels` (segmented shrink and
   expand for prefill batches, gathered ones for decode);
 - `"xla"`: plain XLA tuned for CPU (below);
-- `"auto"`: Pallas where the step is lowered for a GPU (CUDA or ROCm), XLA elsewhere, chosen
-  with `lax.platform_dependent`, so that `jax.export`, AOT and deviceless compiles for a GPU get
-  the kernels as well. When the Pallas path cannot serve a call (a dtype Triton lacks) it raises
-  `NotImplementedError` while tracing; `add_lora` then runs the XLA path and logs the reason
-  once. `"pallas"` differs only in logging when the default backend is not a GPU, and in running
-  the kernels anywhere with `OpsConfig(interpret=True)`.
+- `"auto"`: Pallas on GPU, XLA elsewhere. When the Pallas path cannot serve a call (no GPU, a
+  dtype Triton lacks) it raises `NotImplementedError`; `add_lora` then runs the XLA path and
+  logs the reason once.
 
 The XLA path. A per-token gather of A and B (`A[token_slots]`) moves `T * in * R` weights per
 layer, and a one-hot over all slots multiplies every token by every adapter; both cost more
@@ -180,7 +177,7 @@ def add_lora(
         in the order the slices are concatenated along `out`.
       mapping: the step's `LoRAMapping`; `T` is its token count, or its sequence count (rows of
         last tokens, e.g. an LM head), for which the slot order is derived on device.
-      impl: `"auto"` (Pallas where lowered for a GPU, XLA elsewhere), `"pallas"` or `"xla"`.
+      impl: `"auto"` (Pallas on GPU, XLA elsewhere), `"pallas"` or `"xla"`.
       config: tunables; `OpsConfig()` when None.
 
     Returns:
@@ -201,30 +198,16 @@ def add_lora(
     token_slots, sorted_ids, counts, starts = _segments_for_rows(mapping, y.shape[0])
     if y.shape[0] == 0:
         return y
-    args = (y, x, banks, token_slots, sorted_ids, counts, starts)
-
-    def xla(*args):
-        return _add_lora_xla(*args, config)
-
-    def pallas(*args):
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if impl == "pallas":
         try:
-            return _add_lora_pallas(*args, mapping.is_prefill, config)
-        except NotImplementedError as e:  # a dtype Triton lacks: decided while tracing
+            return _add_lora_pallas(
+                y, x, banks, token_slots, sorted_ids, counts, starts, mapping.is_prefill, config
+            )
+        except NotImplementedError as e:
             _log_fallback_once(str(e))
-            return xla(*args)
-
-    if impl == "xla":
-        return xla(*args)
-    if impl == "pallas" and config.interpret:
-        return pallas(*args)
-    if impl == "pallas" and jax.default_backend() != "gpu":
-        _log_fallback_once(
-            f"the Pallas Triton kernels run where the step is lowered for a GPU, and the default "
-            f"backend is {jax.default_backend()!r}"
-        )
-    # Chosen by the platform the step is lowered for, not the default backend, so that
-    # jax.export, AOT and deviceless compiles for a GPU get the kernels too.
-    return lax.platform_dependent(*args, cuda=pallas, rocm=pallas, default=xla)
+    return _add_lora_xla(y, x, banks, token_slots, sorted_ids, counts, starts, config)
 
 
 def add_lora_embedding(
@@ -329,6 +312,9 @@ def _log_fallback_once(reason: str) -> None:
 
 
 def _add_lora_pallas(y, x, banks, token_slots, sorted_ids, counts, starts, is_prefill, config):
+    backend = jax.default_backend()
+    if backend != "gpu" and not config.interpret:
+        raise NotImplementedError(f"the Pallas Triton kernels need a GPU, backend is {backend!r}")
     for name, arr in (("x", x), ("y", y), *((f"bank {i}", b.a) for i, b in enumerate(banks))):
         if arr.dtype not in _PALLAS_DTYPES:
             raise NotImplementedError(

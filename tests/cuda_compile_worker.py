@@ -4,19 +4,22 @@
 Triton on it for real target GPUs, so a kernel Triton refuses, or one that needs more shared
 memory than a GPU has, fails on this machine instead of on a lent GPU. Run by
 `tests/test_cuda_compile.py` in a subprocess whose `PYTHONPATH` holds the CUDA PJRT plugin
-(`make test` installs it under `.venv/cuda-compiler`; no CUDA driver or toolkit is needed).
+(`make test` installs it and the `ptxas` of the `nvidia-cuda-nvcc-cu12` wheel under
+`.venv/cuda-compiler`; no CUDA driver or system toolkit is needed).
 
 Prints one JSON object per compiled program: `{"name", "ok", "triton_calls", "error"}`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from unittest import mock
 
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # never touch a GPU, even if there is one
+os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # never touch a GPU, even if there is one
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -139,8 +142,9 @@ def kernel_programs(gpu: str, sharding) -> list[dict]:
 
 
 def engine_programs(sharding) -> list[dict]:
-    """The engine's prefill and decode steps and the manager's slot writers, as a mixed batch
-    drives them, each compiled for the GPU with the Pallas path `impl="auto"` picks there."""
+    """The engine's prefill and decode steps and the manager's slot writers, as a mixed batch on
+    the CPU drives them, each compiled for the GPU with the Pallas path `impl="auto"` picks
+    there."""
     cfg = BenchConfig.quick()
     model = random_llama(cfg.llama(), seed=0)
     writers = {f"write_{k}": Recorder(v) for k, v in manager._WRITE.items()}
@@ -162,10 +166,11 @@ def engine_programs(sharding) -> list[dict]:
         manager._WRITE.update(saved[0])
         manager._CLEAR.update(saved[1])
     out = []
-    for kind, rec in {**steps, **writers}.items():
-        for i, (args, kwargs) in enumerate(rec.calls.values()):
-            args, kwargs = abstract((args, kwargs), sharding)
-            out.append(compile_for(f"h200/engine/{kind}/{i}", rec.jitted, args, kwargs))
+    with gpu_default_backend():
+        for kind, rec in {**steps, **writers}.items():
+            for i, (args, kwargs) in enumerate(rec.calls.values()):
+                args, kwargs = abstract((args, kwargs), sharding)
+                out.append(compile_for(f"h200/engine/{kind}/{i}", rec.jitted, args, kwargs))
     return out
 
 
@@ -196,6 +201,17 @@ def op_programs(sharding) -> list[dict]:
 _ADD_LORA = jax.jit(ops.add_lora)
 
 
+@contextlib.contextmanager
+def gpu_default_backend():
+    """`add_lora(impl="auto")` picks Pallas when the default backend is a GPU, as it is where
+    these programs would run; this process's is the CPU. Traces from CPU runs are dropped first,
+    so that every program is traced again with the GPU's choice."""
+    jax.clear_caches()
+    with mock.patch.object(jax, "default_backend", lambda: "gpu"):
+        yield
+    jax.clear_caches()
+
+
 def main(parts: list[str]) -> None:
     shardings = {gpu: gpu_sharding(gpu) for gpu in GPUS}
     results = []
@@ -203,7 +219,8 @@ def main(parts: list[str]) -> None:
         for gpu, sharding in shardings.items():
             results += kernel_programs(gpu, sharding)
     if "ops" in parts:
-        results += op_programs(shardings["h200"])
+        with gpu_default_backend():
+            results += op_programs(shardings["h200"])
     if "engine" in parts:
         results += engine_programs(shardings["h200"])
     for r in results:

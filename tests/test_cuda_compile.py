@@ -20,18 +20,24 @@ import pytest
 WORKER = Path(__file__).with_name("cuda_compile_worker.py")
 COMPILER = Path(os.environ.get("JLORA_CUDA_COMPILER", Path(sys.prefix) / "cuda-compiler"))
 
-if not (COMPILER / "jax_plugins").is_dir():
-    if platform.system() != "Linux":
-        pytest.skip("XLA's CUDA plugin has wheels for Linux only", allow_module_level=True)
-    pytest.fail(
-        f"XLA's CUDA plugin is not installed at {COMPILER}: run `make test` (it installs "
-        "jax-cuda12-pjrt there) or point JLORA_CUDA_COMPILER at such a --target directory",
-        pytrace=False,
-    )
+
+@pytest.fixture(scope="module")
+def compiler() -> Path:
+    if not (COMPILER / "jax_plugins").is_dir():
+        if platform.system() != "Linux":
+            pytest.skip("XLA's CUDA plugin has wheels for Linux only")
+        pytest.fail(
+            f"XLA's CUDA plugin is not installed at {COMPILER}: run `make test` (it installs "
+            "jax-cuda12-pjrt and ptxas there) or point JLORA_CUDA_COMPILER at such a "
+            "pip --target directory",
+            pytrace=False,
+        )
+    return COMPILER
 
 
-def compile_programs(*parts: str) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(COMPILER), str(WORKER.parents[1])]))
+def compile_programs(compiler: Path, *parts: str) -> list[dict]:
+    path = [str(compiler), str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
     proc = subprocess.run(
         [sys.executable, str(WORKER), *parts],
         capture_output=True,
@@ -49,8 +55,8 @@ def failures(results: list[dict]) -> list[str]:
     return [f"{r['name']}: {r['error']}" for r in results if not r["ok"]]
 
 
-def test_every_kernel_compiles_for_each_gpu():
-    results = compile_programs("kernels")
+def test_every_kernel_compiles_for_each_gpu(compiler):
+    results = compile_programs(compiler, "kernels")
     assert failures(results) == []
     # Each program is exactly one kernel launch: the worker compiled what it meant to.
     assert {r["triton_calls"] for r in results} == {1}
@@ -60,10 +66,10 @@ def test_every_kernel_compiles_for_each_gpu():
     assert kernels == {"segmented_shrink", "segmented_expand", "gathered_shrink", "gathered_expand"}
 
 
-def test_add_lora_and_the_engine_compile_with_the_kernels_for_a_gpu():
-    """`impl="auto"` picks Pallas where a step is lowered for CUDA, though this process's
-    default backend is the CPU; the engine's steps and slot writers compile too."""
-    results = compile_programs("ops", "engine")
+def test_add_lora_and_the_engine_compile_with_the_kernels_for_a_gpu(compiler):
+    """`add_lora` and the engine's steps and slot writer, traced as on a GPU (the Pallas path
+    of `impl="auto"`), compile for an H200."""
+    results = compile_programs(compiler, "ops", "engine")
     assert failures(results) == []
     # One shrink and one expand launch per add_lora (the q/k/v slices share them).
     ops = [r["triton_calls"] for r in results if "/add_lora/" in r["name"]]
