@@ -91,7 +91,7 @@ def gpu_sharding(gpu: str) -> jax.sharding.NamedSharding:
 
 
 def abstract(tree, sharding):
-    """Arrays become ShapeDtypeStructs on the GPU; everything else (static args) stays."""
+    """Arrays become ShapeDtypeStructs with `sharding` (None: none); static args stay."""
 
     def leaf(v):
         if isinstance(v, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
@@ -117,15 +117,9 @@ class Recorder:
         self.jitted, self.calls = jitted, {}
 
     def __call__(self, *args, **kwargs):
-        call = jax.tree.map(_shape_only, (args, kwargs))
+        call = abstract((args, kwargs), None)
         self.calls.setdefault(str(jax.tree.flatten(call)), call)
         return self.jitted(*args, **kwargs)
-
-
-def _shape_only(v):
-    if isinstance(v, (jax.Array, np.ndarray)):
-        return jax.ShapeDtypeStruct(np.shape(v), v.dtype)
-    return v
 
 
 def kernel_programs(gpu: str, sharding) -> list[dict]:
