@@ -40,6 +40,10 @@ by their adapter mix, at run time; measurements in BENCHMARKS.md):
 Rows of slot 0 keep their values under all three: slot 0 owns no blocks and no token trips, so
 nothing is added to them.
 
+On a mesh whose `data` axis splits the rows (`jlora.sharding`), both paths run per data shard
+inside a `shard_map` (manual over `data` only), each shard sorting its own tokens by slot: the
+mapping's host-sorted order is global and would make every shard gather the whole batch.
+
 Imports jlora.weights, jlora.mapping and pallas_kernels.
 """
 
@@ -53,6 +57,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
@@ -65,6 +70,8 @@ _EXACT = lax.Precision.HIGHEST
 __all__ = ["IMPLS", "OpsConfig", "add_lora", "add_lora_embedding"]
 
 IMPLS = ("auto", "pallas", "xla")
+# The batch axis of a `jlora.sharding` mesh: under it each data shard runs its own rows.
+DATA = "data"
 XLA_STRATEGIES = ("token", "sorted", "scatter", "slots")
 _PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -200,14 +207,21 @@ def add_lora(
         return y
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-    if impl == "pallas":
-        try:
-            return _add_lora_pallas(
-                y, x, banks, token_slots, sorted_ids, counts, starts, mapping.is_prefill, config
-            )
-        except NotImplementedError as e:
-            _log_fallback_once(str(e))
-    return _add_lora_xla(y, x, banks, token_slots, sorted_ids, counts, starts, config)
+
+    def run(y, x, banks, token_slots, sorted_ids, counts, starts):
+        if impl == "pallas":
+            try:
+                return _add_lora_pallas(
+                    y, x, banks, token_slots, sorted_ids, counts, starts, mapping.is_prefill, config
+                )
+            except NotImplementedError as e:
+                _log_fallback_once(str(e))
+        return _add_lora_xla(y, x, banks, token_slots, sorted_ids, counts, starts, config)
+
+    data_mesh = _data_mesh(y)
+    if data_mesh is None:
+        return run(y, x, banks, token_slots, sorted_ids, counts, starts)
+    return _per_data_shard(run, data_mesh, y, x, banks, token_slots, mapping.num_slots)
 
 
 def add_lora_embedding(
@@ -239,10 +253,18 @@ def add_lora_embedding(
     token_slots, sorted_ids, counts, starts = _segments_for_rows(mapping, y.shape[0])
     if y.shape[0] == 0:
         return y
-    h = bank.a[token_slots, token_ids].astype(jnp.float32)  # [T, R]
-    return _xla_blocks(
-        y, h, None, ((bank.b, bank.scale),), token_slots, sorted_ids, counts, starts, config
-    )
+
+    def run(y, token_ids, banks, token_slots, sorted_ids, counts, starts):
+        (bank,) = banks
+        h = bank.a[token_slots, token_ids].astype(jnp.float32)  # [T, R]
+        return _xla_blocks(
+            y, h, None, ((bank.b, bank.scale),), token_slots, sorted_ids, counts, starts, config
+        )
+
+    data_mesh = _data_mesh(y)
+    if data_mesh is None:
+        return run(y, token_ids, (bank,), token_slots, sorted_ids, counts, starts)
+    return _per_data_shard(run, data_mesh, y, token_ids, (bank,), token_slots, mapping.num_slots)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,13 +313,56 @@ def _segments_for_rows(mapping: LoRAMapping, rows: int):
         # One row per sequence (last tokens): the mapping's segments are per token, so sort the
         # few sequence rows here. B is small; this is not the per-token hot path.
         slots = mapping.seq_slots.astype(jnp.int32)
-        counts = jnp.zeros(mapping.num_slots, jnp.int32).at[slots].add(1)
-        starts = jnp.cumsum(counts) - counts
-        return slots, jnp.argsort(slots, stable=True).astype(jnp.int32), counts, starts
+        return slots, *_slot_segments(slots, mapping.num_slots)
     raise MappingError(
         f"activations have {rows} rows, but the mapping has {mapping.token_slots.shape[0]} "
         f"tokens and {mapping.seq_slots.shape[0]} sequences"
     )
+
+
+def _data_mesh(y: jax.Array):
+    """The mesh `y` is laid out on when it has a `data` axis of more than one device that splits
+    `y`'s rows evenly; else None (one device, or no batch split to follow)."""
+    mesh = getattr(jax.typeof(y), "sharding", None)
+    mesh = getattr(mesh, "mesh", None)
+    if mesh is None or DATA not in mesh.axis_names:
+        return None
+    data = mesh.shape[DATA]
+    return mesh if data > 1 and y.shape[0] % data == 0 else None
+
+
+def _per_data_shard(run, mesh, y, x, banks, token_slots, num_slots: int):
+    """`run` on each `data` shard's rows, with segments sorted within the shard.
+
+    The mapping's slot order is global: under XLA's partitioner alone, every data shard gathers
+    the whole batch's rows of `x` (an all-reduce of `[T, in]` per layer) and loops over every
+    block of the batch. Here each shard sorts its own `T / data` token slots (a few int ops per
+    layer) and touches only its rows; the `model` axis stays with the partitioner (`axis_names`),
+    so the banks' tensor-parallel layouts are untouched. Rows are split as the batch is
+    (`jlora.sharding.batch_sharding`: tokens row after row, batch rows on `data`).
+    """
+
+    def local(y, x, banks, token_slots):
+        sorted_ids, counts, starts = _slot_segments(token_slots, num_slots)
+        return run(y, x, banks, token_slots, sorted_ids, counts, starts)
+
+    rows = P(DATA)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(rows, rows, P(), rows),
+        out_specs=rows,
+        axis_names=frozenset({DATA}),
+        check_vma=False,  # Pallas calls carry no varying-axes annotations
+    )(y, x, banks, token_slots)
+
+
+def _slot_segments(slots: jax.Array, num_slots: int):
+    """(sorted_ids, counts, starts) of int `slots [T]`: a stable sort by slot."""
+    slots = slots.astype(jnp.int32)
+    counts = jnp.zeros(num_slots, jnp.int32).at[slots].add(1)
+    starts = jnp.cumsum(counts) - counts
+    return jnp.argsort(slots, stable=True).astype(jnp.int32), counts, starts
 
 
 def _log_fallback_once(reason: str) -> None:

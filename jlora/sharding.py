@@ -79,13 +79,13 @@ from jlora.apply import find_targets
 from jlora.errors import AdapterMismatchError, LoRAConfigError
 from jlora.mapping import LoRAMapping
 from jlora.models.llama import KVCache, LlamaConfig
+from jlora.ops import DATA
 from jlora.targets import TargetModule
 from jlora.weights import LoRABank
 
 if TYPE_CHECKING:
     from jlora.manager import AdapterManagerState
 
-DATA = "data"
 MODEL = "model"
 
 COLUMN = "column"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 from unittest import mock
@@ -38,6 +39,10 @@ from jlora.engine import Engine, SamplingParams  # noqa: E402
 from jlora.synthetic import random_llama  # noqa: E402
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+# A collective op (its async start counted once) after its result type.
+COLLECTIVE = re.compile(
+    r"= .*?\b(?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
 LARGEST_TILES = [c for c in KERNEL_CASES if c.name in ("rank64", "hidden5120_qkv")]
 
 # XLA's GpuTargetConfig text protos: what the compiler needs of a GPU it cannot query.
@@ -105,8 +110,15 @@ def compile_for(name: str, jitted, args, kwargs=None) -> dict:
     try:
         text = jitted.lower(*args, **(kwargs or {})).compile().as_text()
     except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the others
-        return {"name": name, "ok": False, "triton_calls": 0, "error": str(e).split("\n")[0]}
-    return {"name": name, "ok": True, "triton_calls": text.count(TRITON_CALL), "error": ""}
+        return {"name": name, "ok": False, "triton_calls": 0, "collectives": 0,
+                "error": str(e).split("\n")[0]}  # fmt: skip
+    return {
+        "name": name,
+        "ok": True,
+        "triton_calls": text.count(TRITON_CALL),
+        "collectives": len(COLLECTIVE.findall(text)),
+        "error": "",
+    }
 
 
 class Recorder:
@@ -192,6 +204,39 @@ def op_programs(sharding) -> list[dict]:
     return out
 
 
+def data_parallel_programs() -> list[dict]:
+    """`add_lora` at Llama-7B shapes (bf16, fused q/k/v, rank 16) on two H200s with the rows
+    split on `data`: each GPU launches the kernels on its own rows, with no collectives (the
+    partitioner alone would gather the rows around the kernels' custom calls)."""
+    topology = topologies.get_topology_desc(
+        platform="cuda", target_config=_DEVICE.format(**GPUS["h200"]), topology="1x1x2"
+    )
+    mesh = topologies.make_mesh(topo=topology, mesh_shape=(2, 1), axis_names=("data", "model"))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    out, hidden, slots = [], 4096, 9
+    bank = jlora.LoRABank.zeros(slots, hidden, hidden, 16, "bfloat16")
+    for tokens, prefill in ((2048, True), (32, False)):
+        seqs = 32 if prefill else tokens
+        mapping = jlora.LoRAMapping.build(
+            [i % slots for i in range(seqs)],
+            [tokens // seqs] * seqs,
+            num_slots=slots,
+            is_prefill=prefill,
+            num_tokens=tokens,
+        )
+        mapping = abstract(mapping, whole).replace(
+            token_slots=abstract(mapping.token_slots, rows),
+            seq_slots=abstract(mapping.seq_slots, rows),
+        )
+        y = jax.ShapeDtypeStruct((tokens, 3 * hidden), "bfloat16", sharding=rows)
+        x = jax.ShapeDtypeStruct((tokens, hidden), "bfloat16", sharding=rows)
+        args = (y, x, abstract((bank,) * 3, whole), mapping)
+        step = "prefill" if prefill else "decode"
+        out.append(compile_for(f"h200x2/add_lora/data/{step}", _ADD_LORA, args))
+    return out
+
+
 _ADD_LORA = jax.jit(ops.add_lora)
 
 
@@ -215,6 +260,7 @@ def main(parts: list[str]) -> None:
     if "ops" in parts:
         with gpu_default_backend():
             results += op_programs(shardings["h200"])
+            results += data_parallel_programs()
     if "engine" in parts:
         results += engine_programs(shardings["h200"])
     for r in results:

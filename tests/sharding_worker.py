@@ -107,7 +107,8 @@ def collectives(compiled) -> dict[str, int]:
         header = re.match(r"^(?:ENTRY )?(%[\w.\-]+) ", line)
         if header:
             computation = header.group(1)
-        op = re.search(rf"= \S+ ({'|'.join(COLLECTIVES)})(?:-start)?\(", line)
+        # The op name after the result type (a tuple type of an async start holds spaces).
+        op = re.search(rf"= .*?\b({'|'.join(COLLECTIVES)})(?:-start)?\(", line)
         if op:
             counts[op.group(1)] += 1
             counts["in_loops"] += computation in loop_bodies
@@ -207,7 +208,10 @@ def run_case(base, adapters, mesh, *, fully: bool, decode: bool) -> dict:
         decode_mapping, tok_in, pos_in = place(
             decode_mapping, ids[:, :1], np.full((rows, 1), length, np.int32)
         )
-        logits, cache = forward(params, state.banks, decode_mapping, tok_in, pos_in, cache)
+        args = (params, state.banks, decode_mapping, tok_in, pos_in, cache)
+        compiled = forward.lower(*args).compile()
+        report["decode_collectives"] = collectives(compiled)
+        logits, cache = compiled(*args)
         report["decode_logits"] = to_host(logits)
         report["decode_cache_spec"] = cache_spec(cache) if mesh is not None else None
     report["slots"] = list(state.slots)  # the host bookkeeping's final slot table
@@ -277,6 +281,85 @@ def layer_collectives(mesh) -> dict:
     return out
 
 
+def data_parallel_ops(mesh) -> dict:
+    """`add_lora` (XLA path and the Pallas kernels in interpret mode, prefill and decode, one row
+    per token and one per sequence) and `add_lora_embedding` with the rows split on `data`:
+    each data shard serves its own rows, with no collectives, and gets the one-device result."""
+    from jlora import ops
+    from jlora.mapping import LoRAMapping
+    from jlora.weights import LoRABank
+
+    rng = np.random.default_rng(1)
+    seqs, length, slots, d_in, d_out, rank = 16, 4, 5, 32, 24, 8
+    bank = LoRABank(
+        a=jnp.asarray(rng.standard_normal((slots, d_in, rank)), jnp.float32),
+        b=jnp.asarray(rng.standard_normal((slots, rank, d_out)), jnp.float32),
+        scale=jnp.asarray([0.0, 1.0, 0.5, 2.0, 0.25], jnp.float32),
+    )
+    # Shards of 2 sequences each: some hold one adapter, some base rows, some a mix.
+    seq_slots = [1, 1, 0, 0, 2, 3, 4, 1, 3, 3, 0, 2, 4, 4, 2, 1]
+    rows = jax.NamedSharding(mesh, jax.P(sh.DATA))
+    out = {}
+    for prefill in (True, False):
+        lengths = [length if prefill else 1] * seqs
+        mapping = LoRAMapping.build(seq_slots, lengths, num_slots=slots, is_prefill=prefill)
+        for what in ("tokens", "seqs"):
+            n = mapping.token_slots.shape[0] if what == "tokens" else seqs
+            x = rng.standard_normal((n, d_in)).astype(np.float32)
+            y = rng.standard_normal((n, d_out)).astype(np.float32)
+            slot_of = np.asarray(mapping.token_slots if what == "tokens" else mapping.seq_slots)
+            a, b, scale = (np.asarray(v, np.float64) for v in (bank.a, bank.b, bank.scale))
+            expected = y + np.stack(
+                [scale[s] * (x[i] @ a[s] @ b[s]) for i, s in enumerate(slot_of)]
+            )
+            for impl in ("xla", "pallas"):
+                config = ops.OpsConfig(interpret=True)
+                fn = jax.jit(
+                    lambda y, x, m, impl=impl, c=config: ops.add_lora(
+                        y, x, bank, m, impl=impl, config=c
+                    )
+                )
+                args = (
+                    jax.device_put(y, rows),
+                    jax.device_put(x, rows),
+                    jax.device_put(mapping, sh.mapping_shardings(mapping, mesh)),
+                )
+                compiled = fn.lower(*args).compile()
+                got = np.asarray(compiled(*args))
+                key = f"{impl}/{'prefill' if prefill else 'decode'}/{what}"
+                out[key] = {
+                    "rel_err": float(np.abs(got - expected).max() / np.abs(expected).max()),
+                    **collectives(compiled),
+                }
+    mapping = LoRAMapping.build(seq_slots, [length] * seqs, num_slots=slots)
+    vocab = 11
+    emb = LoRABank(
+        a=jnp.asarray(rng.standard_normal((slots, vocab, rank)), jnp.float32),
+        b=bank.b,
+        scale=bank.scale,
+    )
+    ids = rng.integers(0, vocab, mapping.token_slots.shape[0]).astype(np.int32)
+    y = rng.standard_normal((ids.shape[0], d_out)).astype(np.float32)
+    slot_of = np.asarray(mapping.token_slots)
+    ea, b, scale = (np.asarray(v, np.float64) for v in (emb.a, emb.b, emb.scale))
+    expected = y + np.stack(
+        [scale[s] * (ea[s, t] @ b[s]) for t, s in zip(ids, slot_of, strict=True)]
+    )
+    fn = jax.jit(lambda y, ids, m: ops.add_lora_embedding(y, ids, emb, m))
+    args = (
+        jax.device_put(y, rows),
+        jax.device_put(ids, rows),
+        jax.device_put(mapping, sh.mapping_shardings(mapping, mesh)),
+    )
+    compiled = fn.lower(*args).compile()
+    got = np.asarray(compiled(*args))
+    out["embedding"] = {
+        "rel_err": float(np.abs(got - expected).max() / np.abs(expected).max()),
+        **collectives(compiled),
+    }
+    return out
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("meshes", nargs="*", default=["1x8", "2x4", "8x1"], help="DATAxMODEL")
@@ -300,9 +383,13 @@ def main(argv: list[str]) -> None:
         load_adapter(FIXTURES / "adapters" / n, adapter_id=i + 1) for i, n in enumerate(ADAPTERS)
     ]
     # (data, model, fully sharded, fused q/k/v and gate/up, decode step): every mesh with plain
-    # and fully sharded LoRA; the decode step and the packed projections on the 2-D mesh only,
-    # to keep the compile count (the run time) down.
-    cases = [(d, m, fully, False, (d, m) == (2, 4)) for d, m in meshes for fully in (False, True)]
+    # and fully sharded LoRA; the decode step on the 2-D mesh and the data-parallel one, the
+    # packed projections on the 2-D mesh only, to keep the compile count (the run time) down.
+    cases = [
+        (d, m, fully, False, (d, m) == (2, 4) or (d, m, fully) == (8, 1, False))
+        for d, m in meshes
+        for fully in (False, True)
+    ]
     if distributed:  # the layout with every kind of split; the one-process runs cover the rest
         cases = [(d, m, True, False, True) for d, m in meshes]
     elif (2, 4) in meshes:
@@ -341,6 +428,9 @@ def main(argv: list[str]) -> None:
         t = time.perf_counter()
         result["layer_collectives"] = layer_collectives(sh.make_mesh(1, 8))
         timings["layer_collectives"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result["data_parallel_ops"] = data_parallel_ops(sh.make_mesh(8, 1))
+        timings["data_parallel_ops"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - START
     result["timings"] = timings
     if args.out:

@@ -72,8 +72,11 @@ def test_add_lora_and_the_engine_compile_with_the_kernels_for_a_gpu(compiler):
     results = compile_programs(compiler, "ops", "engine")
     assert failures(results) == []
     # One shrink and one expand launch per add_lora (the q/k/v slices share them).
-    ops = [r["triton_calls"] for r in results if "/add_lora/" in r["name"]]
+    ops = [r["triton_calls"] for r in results if r["name"].startswith("h200/add_lora/")]
     assert ops == [2] * 12, ops
+    # On two GPUs with the rows split on `data`, each launches them on its rows, no collectives.
+    sharded = [(r["triton_calls"], r["collectives"]) for r in results if "/data/" in r["name"]]
+    assert sharded == [(2, 0)] * 2, sharded
     steps = {}
     for r in results:
         if "/engine/" in r["name"]:

@@ -297,6 +297,16 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax
     return out.reshape(b, seq, h * d)
 
 
+def _write_rows(cache: jax.Array, new: jax.Array, write_pos: jax.Array) -> jax.Array:
+    """`cache [B, K, S, D]` with each row's `new [B, L, K, D]` written at its `write_pos [B, L]`
+    (out-of-range positions dropped)."""
+
+    def one_row(c, u, p):  # [K, S, D], [L, K, D], [L]
+        return c.at[:, p].set(u.transpose(1, 0, 2).astype(c.dtype), mode="drop")
+
+    return jax.vmap(one_row)(cache, new, write_pos)
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = c
@@ -322,11 +332,9 @@ class LlamaAttention(nnx.Module):
         if cache is None:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, D]
         else:
-            # Mixed advanced indices put the [B, L] index dims first: the update is [B, L, K, D].
-            rows = jnp.arange(b)[:, None]
             ck, cv = cache.k[layer], cache.v[layer]
-            ck = ck.at[rows, :, write_pos].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[rows, :, write_pos].set(v.astype(cv.dtype), mode="drop")
+            ck = _write_rows(ck, k, write_pos)
+            cv = _write_rows(cv, v, write_pos)
             cache = cache.with_layer(layer, ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         return self.o_proj(_attention(q, k, v, mask)), cache
