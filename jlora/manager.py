@@ -996,7 +996,7 @@ def _write_slot(bank_list, slot, a_vals, b_vals, scales, torch_order=False):
         row = []
         for bank, a, b in zip(banks, a_row, b_row, strict=True):
             row.append(
-                LoRABank(
+                bank.replace(
                     a=jax.lax.dynamic_update_index_in_dim(bank.a, a, slot, 0),
                     b=jax.lax.dynamic_update_index_in_dim(bank.b, b, slot, 0),
                     scale=jax.lax.dynamic_update_index_in_dim(bank.scale, scales[k], slot, 0),

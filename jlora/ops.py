@@ -40,9 +40,11 @@ by their adapter mix, at run time; measurements in BENCHMARKS.md):
 Rows of slot 0 keep their values under all three: slot 0 owns no blocks and no token trips, so
 nothing is added to them.
 
-On a mesh whose `data` axis splits the rows (`jlora.sharding`), both paths run per data shard
-inside a `shard_map` (manual over `data` only), each shard sorting its own tokens by slot: the
-mapping's host-sorted order is global and would make every shard gather the whole batch.
+On a `jlora.sharding` mesh both paths run each device's shard inside a `shard_map`: over
+`model` when the banks' static `model_split` is one of `MODEL_SPLITS` (`_per_model_shard`: the
+layout's collective once, between shrink and expand), and over `data` when it splits the rows,
+each shard sorting its own tokens by slot (the mapping's host-sorted order is global and would
+make every shard gather the whole batch). Other layouts are left to XLA's partitioner.
 
 Imports jlora.weights, jlora.mapping and pallas_kernels.
 """
@@ -62,7 +64,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels as pk
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
 from jlora.mapping import LoRAMapping
-from jlora.weights import LoRABank
+from jlora.weights import DATA, MODEL, MODEL_SPLITS, LoRABank
 
 # Full float32 products, as in the kernels: a GPU's default would take TF32 for float32 operands.
 _EXACT = lax.Precision.HIGHEST
@@ -70,8 +72,6 @@ _EXACT = lax.Precision.HIGHEST
 __all__ = ["IMPLS", "OpsConfig", "add_lora", "add_lora_embedding"]
 
 IMPLS = ("auto", "pallas", "xla")
-# The batch axis of a `jlora.sharding` mesh: under it each data shard runs its own rows.
-DATA = "data"
 XLA_STRATEGIES = ("token", "sorted", "scatter", "slots")
 _PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -191,7 +191,7 @@ def add_lora(
       `[T, out]` in `y`'s dtype, computed with float32 accumulation; rows on slot 0 unchanged.
 
     >>> import jax.numpy as jnp
-    >>> from jlora.weights import LoRABank
+    >>> from jlora.weights import DATA, MODEL, MODEL_SPLITS, LoRABank
     >>> bank = LoRABank.zeros(num_slots=3, in_dim=8, out_dim=4, max_rank=2)
     >>> mapping = LoRAMapping.build([1, 0], [2, 1], num_slots=3, num_tokens=3)
     >>> add_lora(jnp.ones((3, 4)), jnp.ones((3, 8)), bank, mapping).shape
@@ -201,6 +201,8 @@ def add_lora(
         raise LoRAConfigError(f"add_lora: impl={impl!r} is not one of {IMPLS}")
     config = OpsConfig() if config is None else config
     banks = _as_banks(banks)
+    # jnp arrays: host (numpy) operands of an eager call would meet traced indices in the loops.
+    y, x, banks = jnp.asarray(y), jnp.asarray(x), jax.tree.map(jnp.asarray, banks)
     _check_linear_args(y, x, banks)
     token_slots, sorted_ids, counts, starts = _segments_for_rows(mapping, y.shape[0])
     if y.shape[0] == 0:
@@ -218,7 +220,14 @@ def add_lora(
                 _log_fallback_once(str(e))
         return _add_lora_xla(y, x, banks, token_slots, sorted_ids, counts, starts, config)
 
-    data_mesh = _data_mesh(y)
+    mesh = _mesh_of(y, banks[0].a)
+    split = _model_split(mesh, banks)
+    if split is not None:
+        parts = _Parts(impl, mapping.is_prefill, config)
+        return _per_model_shard(
+            run, parts, mesh, split, y, x, banks, token_slots, mapping.num_slots
+        )
+    data_mesh = _data_mesh(mesh, y)
     if data_mesh is None:
         return run(y, x, banks, token_slots, sorted_ids, counts, starts)
     return _per_data_shard(run, data_mesh, y, x, banks, token_slots, mapping.num_slots)
@@ -242,6 +251,7 @@ def add_lora_embedding(
       config: tunables of the XLA path; `OpsConfig()` when None.
     """
     config = OpsConfig() if config is None else config
+    y, token_ids, bank = jnp.asarray(y), jnp.asarray(token_ids), jax.tree.map(jnp.asarray, bank)
     if y.ndim != 2 or token_ids.shape != (y.shape[0],):
         raise AdapterMismatchError(
             f"y must be [T, hidden] and token_ids [T], got {y.shape} and {token_ids.shape}"
@@ -261,7 +271,7 @@ def add_lora_embedding(
             y, h, None, ((bank.b, bank.scale),), token_slots, sorted_ids, counts, starts, config
         )
 
-    data_mesh = _data_mesh(y)
+    data_mesh = _data_mesh(_mesh_of(y, bank.a), y)
     if data_mesh is None:
         return run(y, token_ids, (bank,), token_slots, sorted_ids, counts, starts)
     return _per_data_shard(run, data_mesh, y, token_ids, (bank,), token_slots, mapping.num_slots)
@@ -303,11 +313,14 @@ def _check_linear_args(y, x, banks) -> None:
 def _segments_for_rows(mapping: LoRAMapping, rows: int):
     """(token_slots, sorted_ids, slot_counts, slot_starts) for `rows` rows of activations."""
     if rows == mapping.token_slots.shape[0]:
-        return (
-            mapping.token_slots,
-            mapping.sorted_token_ids,
-            mapping.slot_counts,
-            mapping.slot_starts,
+        return tuple(
+            jnp.asarray(v)
+            for v in (
+                mapping.token_slots,
+                mapping.sorted_token_ids,
+                mapping.slot_counts,
+                mapping.slot_starts,
+            )
         )
     if rows == mapping.seq_slots.shape[0]:
         # One row per sequence (last tokens): the mapping's segments are per token, so sort the
@@ -320,15 +333,44 @@ def _segments_for_rows(mapping: LoRAMapping, rows: int):
     )
 
 
-def _data_mesh(y: jax.Array):
-    """The mesh `y` is laid out on when it has a `data` axis of more than one device that splits
-    `y`'s rows evenly; else None (one device, or no batch split to follow)."""
-    mesh = getattr(jax.typeof(y), "sharding", None)
-    mesh = getattr(mesh, "mesh", None)
-    if mesh is None or DATA not in mesh.axis_names:
+def _mesh_of(*arrays):
+    """The (abstract) mesh the first of `arrays` laid out on one has; None when none is."""
+    for x in arrays:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if mesh is not None and mesh.axis_names:
+            return mesh
+    return None
+
+
+def _splittable(mesh, axis: str) -> bool:
+    """Whether `mesh` has `axis` over more than one device, not already manual (inside a
+    caller's own `shard_map`, whose body sees its shard only)."""
+    if mesh is None or axis not in mesh.axis_names or axis in mesh.manual_axes:
+        return False
+    return mesh.shape[axis] > 1
+
+
+def _data_rows(mesh, y: jax.Array) -> bool:
+    """Whether `mesh` has a `data` axis (`_splittable`) that divides `y`'s rows. Under a jit an
+    Auto axis shows no split, so this cannot see whether the rows are split on it: jlora's
+    convention (`jlora.sharding.shard_batch`) is that they are. Rows that are not still get
+    the right result, at the cost of being split on entry (and gathered where asked for)."""
+    return _splittable(mesh, DATA) and y.shape[0] % mesh.shape[DATA] == 0
+
+
+def _data_mesh(mesh, y: jax.Array):
+    """`mesh` when its `data` axis divides `y`'s rows (`_data_rows`); else None."""
+    return mesh if _data_rows(mesh, y) else None
+
+
+def _model_split(mesh, banks: tuple[LoRABank, ...]) -> tuple[str, ...] | None:
+    """The banks' split over a `model` axis of more than one device, when every slice has the
+    same one of `MODEL_SPLITS`; else None (the partitioner then places the op)."""
+    if not _splittable(mesh, MODEL):
         return None
-    data = mesh.shape[DATA]
-    return mesh if data > 1 and y.shape[0] % data == 0 else None
+    splits = {bank.model_split for bank in banks}
+    split = splits.pop() if len(splits) == 1 else None
+    return split if split in MODEL_SPLITS else None
 
 
 def _per_data_shard(run, mesh, y, x, banks, token_slots, num_slots: int):
@@ -347,14 +389,142 @@ def _per_data_shard(run, mesh, y, x, banks, token_slots, num_slots: int):
         return run(y, x, banks, token_slots, sorted_ids, counts, starts)
 
     rows = P(DATA)
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(rows, rows, P(), rows),
-        out_specs=rows,
-        axis_names=frozenset({DATA}),
-        check_vma=False,  # Pallas calls carry no varying-axes annotations
+    # Under jit even when called eagerly: an eager shard_map cannot take the abstract mesh.
+    return jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(rows, rows, P(), rows),
+            out_specs=rows,
+            axis_names=frozenset({DATA}),
+            check_vma=False,  # Pallas calls carry no varying-axes annotations
+        )
     )(y, x, banks, token_slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """Shrink and expand apart, for layouts whose collective sits between them."""
+
+    impl: str
+    is_prefill: bool
+    config: OpsConfig
+
+    def _pallas(self, *arrays) -> bool:
+        if self.impl != "pallas":
+            return False
+        reason = _pallas_unavailable(arrays, self.config)
+        if reason:
+            _log_fallback_once(reason)
+        return not reason
+
+    def shrink(self, x, a, token_slots, segs) -> tuple[jax.Array, ...]:
+        """float32 `h_i [T, R_i]` per slice."""
+        cfg, interpret = self.config, self.config.interpret
+        if self._pallas(x, *a):
+            if self.is_prefill:
+                return tuple(pk.segmented_shrink(x, a, *segs, config=cfg.segmented,
+                                                 interpret=interpret))  # fmt: skip
+            return tuple(pk.gathered_shrink(x, a, token_slots, config=cfg.gathered,
+                                            interpret=interpret))  # fmt: skip
+        # The XLA block loop with an identity for B: its `h` comes out exact (float32).
+        num_slots, ranks = a[0].shape[0], [ai.shape[2] for ai in a]
+        eye = tuple(
+            (jnp.broadcast_to(jnp.eye(r, dtype=jnp.float32), (num_slots, r, r)),
+             jnp.ones(num_slots, jnp.float32))
+            for r in ranks
+        )  # fmt: skip
+        h = jnp.zeros((x.shape[0], sum(ranks)), jnp.float32)
+        h = _xla_blocks(h, x, a, eye, token_slots, *segs, cfg)
+        return tuple(jnp.split(h, list(itertools.accumulate(ranks))[:-1], axis=1))
+
+    def expand(self, y, hs, b, scale, token_slots, segs) -> jax.Array:
+        cfg, interpret = self.config, self.config.interpret
+        if self._pallas(y, *b):
+            if self.is_prefill:
+                return pk.segmented_expand(y, hs, b, scale, *segs, config=cfg.segmented,
+                                           interpret=interpret)  # fmt: skip
+            return pk.gathered_expand(y, hs, b, scale, token_slots, config=cfg.gathered,
+                                      interpret=interpret)  # fmt: skip
+        h = jnp.concatenate(hs, axis=1) if len(hs) > 1 else hs[0]
+        return _xla_blocks(y, h, None, tuple(zip(b, scale, strict=True)), token_slots, *segs, cfg)
+
+
+def _per_model_shard(run, parts, mesh, split, y, x, banks, token_slots, num_slots: int):
+    """The op on each device's shard of a tensor-parallel layer, its collective explicit, once.
+
+    XLA's partitioner alone puts the LoRA collective inside the XLA path's block loop (one per
+    block), and cannot split the Pallas kernels' custom calls at all, so it gathers their inputs.
+    Here, manual over `model` (and over `data` when it splits the rows), per `split`:
+
+    - `("out",)`, column-parallel: each device adds its B columns' share into its columns of y;
+      no collective.
+    - `("rank", "out")`: each device shrinks to its rank columns, one all-gather of `h [T, R]`,
+      then as above.
+    - `("in",)`, row-parallel: each device shrinks its share of x's columns, one all-reduce of
+      `h [T, R]`, then every device adds the whole delta into y (replicated, as the base output).
+    - `("in", "out")`: the all-reduce, then each device adds into its columns of y.
+
+    A packed projection's slices are split apart first, so that each device holds its share
+    of every slice's columns (the base layer splits their concatenation instead).
+    """
+    data = _data_rows(mesh, y)
+    rows = DATA if data else None
+    split_in, split_rank, split_out = ("in" in split), ("rank" in split), ("out" in split)
+    widths = [bank.output_dim for bank in banks]
+    ys = tuple(_split(y, widths)) if split_out else (y,)
+    y_spec = P(rows, MODEL if split_out else None)
+    # (a, b, scale) triples, not LoRABanks: a rank-split shard's A and B disagree on the rank.
+    weight_spec = (
+        P(None, MODEL if split_in else None, MODEL if split_rank else None),
+        P(None, None, MODEL if split_out else None),
+        P(),
+    )
+
+    def local(ys, x, weights, token_slots):  # on one device: its shards of every operand
+        segs = _slot_segments(token_slots, num_slots)
+        y = _concat(ys)
+        if split == ("out",):
+            banks = tuple(LoRABank(a=a, b=b, scale=scale) for a, b, scale in weights)
+            y = run(y, x, banks, token_slots, *segs)
+        else:
+            a, b, scale = zip(*weights, strict=True)
+            ranks = [ai.shape[2] for ai in a]  # this device's shares of the ranks
+            h = _concat(parts.shrink(x, a, token_slots, segs))
+            if split_in:  # partial sums over this device's share of x's columns
+                hs = _split(lax.psum(h, MODEL), ranks)
+            else:  # rank shares: gathered as [T, model, sum_i R_i / model], each slice rebuilt
+                gathered = lax.all_gather(h, MODEL, axis=1)
+                hs = [g.reshape(g.shape[0], -1) for g in _split(gathered, ranks, axis=2)]
+            y = parts.expand(y, tuple(hs), b, scale, token_slots, segs)
+        return tuple(_split(y, [part.shape[1] for part in ys]))
+
+    axes = frozenset({MODEL, DATA} if data else {MODEL})
+    out = jax.jit(
+        jax.shard_map(  # jit: see _per_data_shard
+            local,
+            mesh=mesh,
+            in_specs=(
+                tuple(y_spec for _ in ys),
+                P(rows, MODEL if split_in else None),
+                tuple(weight_spec for _ in banks),
+                P(rows),
+            ),
+            out_specs=tuple(y_spec for _ in ys),
+            axis_names=axes,
+            check_vma=False,  # Pallas calls carry no varying-axes annotations
+        )
+    )(ys, x, tuple((bank.a, bank.b, bank.scale) for bank in banks), token_slots)
+    return _concat(out)
+
+
+def _concat(parts: Sequence[jax.Array]) -> jax.Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _split(x: jax.Array, widths: Sequence[int], axis: int = 1) -> list[jax.Array]:
+    """`x` cut along `axis` into consecutive parts of `widths` (which sum to its size)."""
+    return jnp.split(x, list(itertools.accumulate(widths))[:-1], axis=axis)
 
 
 def _slot_segments(slots: jax.Array, num_slots: int):
@@ -376,15 +546,21 @@ def _log_fallback_once(reason: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _add_lora_pallas(y, x, banks, token_slots, sorted_ids, counts, starts, is_prefill, config):
+def _pallas_unavailable(arrays, config: OpsConfig) -> str:
+    """Why the Pallas kernels cannot take `arrays` here; "" when they can."""
     backend = jax.default_backend()
     if backend != "gpu" and not config.interpret:
-        raise NotImplementedError(f"the Pallas Triton kernels need a GPU, backend is {backend!r}")
-    for name, arr in (("x", x), ("y", y), *((f"bank {i}", b.a) for i, b in enumerate(banks))):
+        return f"the Pallas Triton kernels need a GPU, backend is {backend!r}"
+    for arr in arrays:
         if arr.dtype not in _PALLAS_DTYPES:
-            raise NotImplementedError(
-                f"{name} has dtype {arr.dtype}; the kernels take f32/bf16/f16"
-            )
+            return f"an operand has dtype {arr.dtype}; the kernels take f32/bf16/f16"
+    return ""
+
+
+def _add_lora_pallas(y, x, banks, token_slots, sorted_ids, counts, starts, is_prefill, config):
+    reason = _pallas_unavailable((x, y, *(b.a for b in banks)), config)
+    if reason:
+        raise NotImplementedError(reason)
     a = tuple(bank.a for bank in banks)
     b = tuple(bank.b for bank in banks)
     scale = tuple(bank.scale for bank in banks)
@@ -423,7 +599,8 @@ def _xla_blocks(
     """Adds, block by block, `concat_i(scale_i[s] * (rows @ a_i[s]) @ b_i[s])` into y.
 
     `source` is `[T, F]` in token order: x for a linear layer (`a` holds one `[S, in, R_i]` per
-    slice), or the already gathered float32 `h` of an embedding (`a` is None, one slice).
+    slice), or an already computed float32 `h` (`a` is None: an embedding's gathered rows, or a
+    sharded layer's reduced shrink), the slices' `h_i` side by side.
     `expand` holds `(b_i, scale_i)` per slice; the slices' widths sum to y's columns.
     """
     num_tokens = y.shape[0]
@@ -451,9 +628,14 @@ def _xla_blocks(
         ]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
+    ranks = tuple(b.shape[1] for b, _ in expand)
+    h_cuts = list(itertools.accumulate(ranks))[:-1]
+
     def delta_of(rows, w):  # [block_t, F] -> float32 [block_t, out]
         a_s, b_s = w
-        return expand_of((rows,) if a_s is None else shrink_of(rows, a_s), b_s)
+        return expand_of(
+            jnp.split(rows, h_cuts, axis=1) if a_s is None else shrink_of(rows, a_s), b_s
+        )
 
     def per_token(unroll=block_t):
         slots = token_slots.astype(jnp.int32)
@@ -481,9 +663,18 @@ def _xla_blocks(
         return lax.switch(_decode_plan(counts, by_slot=f32), branches)
     if strategy == "sorted":
         return _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_t)
-    widths = None if a is None else tuple(ai.shape[2] for ai in a)
     return _xla_scatter(
-        y, source, widths, weights, shrink_of, expand_of, sorted_ids, counts, starts, block_t
+        y,
+        source,
+        a is not None,
+        ranks,
+        weights,
+        shrink_of,
+        expand_of,
+        sorted_ids,
+        counts,
+        starts,
+        block_t,
     )
 
 
@@ -571,15 +762,15 @@ def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_
 
 
 def _xla_scatter(
-    y, source, widths, weights, shrink_of, expand_of, sorted_ids, counts, starts, block_t
+    y, source, shrink, widths, weights, shrink_of, expand_of, sorted_ids, counts, starts, block_t
 ):
     """Two passes over the non-empty adapter slots, each slicing a slot's weights once and
     walking its blocks of rows by token id: the shrink pass gathers a block's rows of `source`
     and stores `rows @ A_i` into a small float32 `h [T, sum R_i]`; the expand pass gathers the
     block's rows of h and scatter-adds their delta straight into y, which XLA updates in place.
     No permuted copies of x or of the output. (Shrink and expand in one pass per block measured
-    3-9% of the base matmul slower at T=2048.) `widths` are the slices' ranks; None: `source`
-    already is h (an embedding)."""
+    3-9% of the base matmul slower at T=2048.) `widths` are the slices' ranks; without
+    `shrink`, `source` already is h (the slices' side by side)."""
     num_tokens, num_slots = y.shape[0], counts.shape[0]
     used = jnp.nonzero(counts > 0, size=num_slots, fill_value=0)[0].astype(jnp.int32)
     num_used = jnp.sum(counts > 0)
@@ -603,8 +794,8 @@ def _xla_scatter(
 
         return lax.fori_loop(0, num_used, per_slot, carry)
 
-    if widths is None:
-        h, widths = source, (source.shape[1],)
+    if not shrink:
+        h = source
     else:
 
         def shrink(slot, ids, h):

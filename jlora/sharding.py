@@ -79,14 +79,12 @@ from jlora.apply import find_targets
 from jlora.errors import AdapterMismatchError, LoRAConfigError
 from jlora.mapping import LoRAMapping
 from jlora.models.llama import KVCache, LlamaConfig
-from jlora.ops import DATA
 from jlora.targets import TargetModule
-from jlora.weights import LoRABank
+from jlora.weights import DATA, MODEL, LoRABank, model_split_of
 
 if TYPE_CHECKING:
     from jlora.manager import AdapterManagerState
 
-MODEL = "model"
 
 COLUMN = "column"
 ROW = "row"
@@ -288,7 +286,10 @@ def bank_specs(
             b = P(None, None, MODEL) if fully_sharded else P()
         else:
             a = b = P()
-        out[target.name] = tuple(LoRABank(a=a, b=b, scale=P()) for _ in target.out_dims)
+        split = model_split_of(a, b)
+        out[target.name] = tuple(
+            LoRABank(a=a, b=b, scale=P(), model_split=split) for _ in target.out_dims
+        )
     return out
 
 
@@ -357,7 +358,18 @@ def shard_state(state: AdapterManagerState, shardings: BankShardings) -> Adapter
                 "multiple of the model axis size",
             )
         placements.append(tuple(placed))
-    bank_list = jax.tree.map(place, state.bank_list, tuple(placements))
+    bank_list = tuple(
+        tuple(
+            bank.replace(
+                a=place(bank.a, to.a),
+                b=place(bank.b, to.b),
+                scale=place(bank.scale, to.scale),
+                model_split=to.sharded_split(),
+            )
+            for bank, to in zip(banks, placed, strict=True)
+        )
+        for banks, placed in zip(state.bank_list, placements, strict=True)
+    )
     return dataclasses.replace(state, bank_list=bank_list)
 
 
@@ -383,7 +395,8 @@ def bank_specs_of(banks: Mapping[str, Sequence[LoRABank]]) -> BankSpecs:
 def mapping_shardings(mapping: LoRAMapping, mesh: Mesh) -> LoRAMapping:
     """Shardings for a ``LoRAMapping``: token and sequence slots split on ``data`` with the batch
     rows they follow (tokens are laid out row after row), the slot-sorted order and the per-slot
-    counts replicated (they index the whole batch)."""
+    counts replicated (they index the whole batch). When ``data`` splits the rows, ``jlora.ops``
+    sorts each shard's slots itself and leaves those three unused."""
     check_mesh(mesh)
     data = mesh.shape[DATA]
     split = NamedSharding(mesh, P(DATA))

@@ -23,6 +23,27 @@ from flax import struct
 from jlora.config import is_int
 from jlora.errors import AdapterMismatchError, AdapterWeightsError, UnknownAdapterError
 
+# The axes of a `jlora.sharding` mesh: batch rows on DATA, tensor parallelism on MODEL.
+DATA = "data"
+MODEL = "model"
+# The ways a bank's dims may be split over MODEL that `jlora.ops` serves per device: column-
+# parallel (B on out), row-parallel (A on in), and their fully sharded forms (A on rank as well
+# as B on out; A on in and B on out).
+MODEL_SPLITS = (("out",), ("in",), ("rank", "out"), ("in", "out"))
+
+
+def model_split_of(a_spec, b_spec) -> tuple[str, ...] | None:
+    """Which of a bank's dims (`"in"`, `"rank"`, `"out"`) the `PartitionSpec` s of its A
+    `[slots, in, rank]` and B `[slots, rank, out]` split over MODEL: `()` for none, None for a
+    layout other than `MODEL_SPLITS` (any use of another axis, the slot dim, or B's rank)."""
+    a = tuple(a_spec) + (None,) * (3 - len(a_spec))
+    b = tuple(b_spec) + (None,) * (3 - len(b_spec))
+    if any(e not in (None, MODEL) for e in a + b) or a[0] or b[0] or b[1]:
+        return None
+    split = tuple(dim for dim, e in zip(("in", "rank"), a[1:], strict=True) if e)
+    split += ("out",) if b[2] else ()
+    return split if split in ((), *MODEL_SPLITS) else None
+
 
 def _has_shape(*xs) -> bool:
     # Pytree unflattening may pass placeholders (None, object()) instead of arrays: check only
@@ -177,6 +198,10 @@ class LoRABank:
     a: jax.Array
     b: jax.Array
     scale: jax.Array
+    # How a `jlora.sharding` mesh splits this bank over MODEL (`model_split_of`), set where the
+    # bank gets its shardings. Static, so `jlora.ops` can run each device's shard under a jit,
+    # where an Auto mesh axis shows no split; () when not split or unknown.
+    model_split: tuple[str, ...] | None = struct.field(pytree_node=False, default=())
 
     def __post_init__(self):
         if not _has_shape(self.a, self.b, self.scale):
@@ -206,7 +231,14 @@ class LoRABank:
             a=jnp.zeros((num_slots, in_dim, max_rank), dtype, device=s.a),
             b=jnp.zeros((num_slots, max_rank, out_dim), dtype, device=s.b),
             scale=jnp.zeros((num_slots,), jnp.float32, device=s.scale),
+            model_split=s.sharded_split(),
         )
+
+    def sharded_split(self) -> tuple[str, ...] | None:
+        """`model_split_of` this bank's arrays' (or, for a bank of shardings, its own) named
+        shardings; () when they are not `NamedSharding` s."""
+        specs = [getattr(getattr(x, "sharding", x), "spec", None) for x in (self.a, self.b)]
+        return () if None in specs else model_split_of(*specs)
 
     @property
     def num_slots(self) -> int:
@@ -241,10 +273,14 @@ def pad_to_rank(layer: LoRALayerWeights, max_rank: int, dtype) -> tuple[np.ndarr
 
 
 __all__ = [
+    "DATA",
+    "MODEL",
+    "MODEL_SPLITS",
     "LoRABank",
     "LoRALayerWeights",
     "LoRAModel",
     "LayerWeights",
     "PackedLoRALayerWeights",
+    "model_split_of",
     "pad_to_rank",
 ]

@@ -67,7 +67,8 @@ def segment_blocks(
     """
     num_slots = slot_counts.shape[0]
     num_blocks = num_blocks_bound(num_tokens, num_slots, block_t)
-    counts = slot_counts.astype(jnp.int32)
+    # jnp, not `.astype`: a host mapping's numpy arrays must not meet traced indices below.
+    counts = jnp.asarray(slot_counts, jnp.int32)
     blocks_per_slot = (counts + block_t - 1) // block_t
     block_end = jnp.cumsum(blocks_per_slot)
     block_begin = block_end - blocks_per_slot
@@ -77,7 +78,7 @@ def segment_blocks(
     real = slot < num_slots
     slot = jnp.where(real, slot, 0)
     first = (b - block_begin[slot]) * block_t
-    start = slot_starts.astype(jnp.int32)[slot] + first
+    start = jnp.asarray(slot_starts, jnp.int32)[slot] + first
     length = jnp.where(real, jnp.minimum(block_t, counts[slot] - first), 0)
     start = jnp.where(real, start, 0)
     return SegmentBlocks(slot=slot, start=start, length=length.astype(jnp.int32))

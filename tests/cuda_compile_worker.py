@@ -7,11 +7,13 @@ memory than a GPU has, fails on this machine instead of on a lent GPU. Run by
 (`make test` installs it and the `ptxas` of the `nvidia-cuda-nvcc-cu12` wheel under
 `.venv/cuda-compiler`; no CUDA driver or system toolkit is needed).
 
-Prints one JSON object per compiled program: `{"name", "ok", "triton_calls", "error"}`.
+Prints one JSON object per compiled program: `{"name", "ok", "triton_calls", "collectives",
+"error"}` (collectives: count by kind).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -41,7 +43,7 @@ from jlora.synthetic import random_llama  # noqa: E402
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # A collective op (its async start counted once) after its result type.
 COLLECTIVE = re.compile(
-    r"= .*?\b(?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+    r"= .*?\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
 )
 LARGEST_TILES = [c for c in KERNEL_CASES if c.name in ("rank64", "hidden5120_qkv")]
 
@@ -110,13 +112,13 @@ def compile_for(name: str, jitted, args, kwargs=None) -> dict:
     try:
         text = jitted.lower(*args, **(kwargs or {})).compile().as_text()
     except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the others
-        return {"name": name, "ok": False, "triton_calls": 0, "collectives": 0,
+        return {"name": name, "ok": False, "triton_calls": 0, "collectives": {},
                 "error": str(e).split("\n")[0]}  # fmt: skip
     return {
         "name": name,
         "ok": True,
         "triton_calls": text.count(TRITON_CALL),
-        "collectives": len(COLLECTIVE.findall(text)),
+        "collectives": dict(collections.Counter(COLLECTIVE.findall(text))),
         "error": "",
     }
 
@@ -204,36 +206,52 @@ def op_programs(sharding) -> list[dict]:
     return out
 
 
-def data_parallel_programs() -> list[dict]:
-    """`add_lora` at Llama-7B shapes (bf16, fused q/k/v, rank 16) on two H200s with the rows
-    split on `data`: each GPU launches the kernels on its own rows, with no collectives (the
-    partitioner alone would gather the rows around the kernels' custom calls)."""
+def sharded_programs() -> list[dict]:
+    """`add_lora` at Llama-7B shapes (bf16, rank 16) on two H200s, prefill and decode: with the
+    rows split on `data` (fused q/k/v), and tensor-parallel over `model` as a column-parallel
+    (q) and a row-parallel (o) layer. Each GPU launches the kernels on its own shard; the
+    collectives are the layout's own (none; one all-reduce of `h`), where the partitioner alone
+    would gather the operands around the kernels' custom calls."""
     topology = topologies.get_topology_desc(
         platform="cuda", target_config=_DEVICE.format(**GPUS["h200"]), topology="1x1x2"
     )
-    mesh = topologies.make_mesh(topo=topology, mesh_shape=(2, 1), axis_names=("data", "model"))
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    out, hidden, slots = [], 4096, 9
-    bank = jlora.LoRABank.zeros(slots, hidden, hidden, 16, "bfloat16")
-    for tokens, prefill in ((2048, True), (32, False)):
-        seqs = 32 if prefill else tokens
-        mapping = jlora.LoRAMapping.build(
-            [i % slots for i in range(seqs)],
-            [tokens // seqs] * seqs,
-            num_slots=slots,
-            is_prefill=prefill,
-            num_tokens=tokens,
+    P = jax.sharding.PartitionSpec
+    hidden, slots, out = 4096, 9, []
+    layouts = {  # name: (mesh shape, slices, x spec, y spec, a spec, b spec, model_split)
+        "data": ((2, 1), 3, P("data"), P("data"), P(), P(), ()),
+        "column": ((1, 2), 1, P(), P(None, "model"), P(), P(None, None, "model"), ("out",)),
+        "row": ((1, 2), 1, P(None, "model"), P(), P(None, "model"), P(), ("in",)),
+    }
+    for name, (shape, slices, x_spec, y_spec, a_spec, b_spec, split) in layouts.items():
+        mesh = topologies.make_mesh(topo=topology, mesh_shape=shape, axis_names=("data", "model"))
+
+        def on(spec, mesh=mesh):
+            return jax.sharding.NamedSharding(mesh, spec)
+
+        bank = jlora.LoRABank.zeros(slots, hidden, hidden, 16, "bfloat16").replace(
+            model_split=split
         )
-        mapping = abstract(mapping, whole).replace(
-            token_slots=abstract(mapping.token_slots, rows),
-            seq_slots=abstract(mapping.seq_slots, rows),
-        )
-        y = jax.ShapeDtypeStruct((tokens, 3 * hidden), "bfloat16", sharding=rows)
-        x = jax.ShapeDtypeStruct((tokens, hidden), "bfloat16", sharding=rows)
-        args = (y, x, abstract((bank,) * 3, whole), mapping)
-        step = "prefill" if prefill else "decode"
-        out.append(compile_for(f"h200x2/add_lora/data/{step}", _ADD_LORA, args))
+        bank = bank.replace(a=abstract(bank.a, on(a_spec)), b=abstract(bank.b, on(b_spec)),
+                            scale=abstract(bank.scale, on(P())))  # fmt: skip
+        for tokens, prefill in ((2048, True), (32, False)):
+            seqs = 32 if prefill else tokens
+            mapping = jlora.LoRAMapping.build(
+                [i % slots for i in range(seqs)],
+                [tokens // seqs] * seqs,
+                num_slots=slots,
+                is_prefill=prefill,
+                num_tokens=tokens,
+            )
+            rows = on(P("data") if name == "data" else P())
+            mapping = abstract(mapping, on(P())).replace(
+                token_slots=abstract(mapping.token_slots, rows),
+                seq_slots=abstract(mapping.seq_slots, rows),
+            )
+            y = jax.ShapeDtypeStruct((tokens, slices * hidden), "bfloat16", sharding=on(y_spec))
+            x = jax.ShapeDtypeStruct((tokens, hidden), "bfloat16", sharding=on(x_spec))
+            step = "prefill" if prefill else "decode"
+            args = (y, x, (bank,) * slices, mapping)
+            out.append(compile_for(f"h200x2/add_lora/{name}/{step}", _ADD_LORA, args))
     return out
 
 
@@ -260,7 +278,7 @@ def main(parts: list[str]) -> None:
     if "ops" in parts:
         with gpu_default_backend():
             results += op_programs(shardings["h200"])
-            results += data_parallel_programs()
+            results += sharded_programs()
     if "engine" in parts:
         results += engine_programs(shardings["h200"])
     for r in results:

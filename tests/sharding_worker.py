@@ -233,23 +233,27 @@ def layer_collectives(mesh) -> dict:
             )
             wrapped = apply(layer)
             (target,) = find_targets(wrapped)
-            state = mgr.init_state(LoRAConfig(max_loras=3, max_lora_rank=rank), [target])
             shardings = sh.bank_shardings(
                 [target], mesh, sh.layer_styles(wrapped), fully_sharded=fully
             )
-            banks = jax.device_put(
-                {
-                    target.name: tuple(
-                        bank.replace(
-                            a=jnp.asarray(rng.standard_normal(bank.a.shape), jnp.float32),
-                            b=jnp.asarray(rng.standard_normal(bank.b.shape), jnp.float32),
-                            scale=jnp.asarray([0.0, 1.0, 2.0, 0.5], jnp.float32),
-                        )
-                        for bank in state.banks[target.name]
-                    )
-                },
-                shardings,
+            state = mgr.init_state(
+                LoRAConfig(max_loras=3, max_lora_rank=rank), [target], shardings=shardings
             )
+            banks = {  # random weights, laid out as the manager's banks are
+                target.name: tuple(
+                    bank.replace(
+                        **{
+                            k: jax.device_put(v, getattr(bank, k).sharding)
+                            for k, v in (
+                                ("a", rng.standard_normal(bank.a.shape).astype(np.float32)),
+                                ("b", rng.standard_normal(bank.b.shape).astype(np.float32)),
+                                ("scale", np.asarray([0.0, 1.0, 2.0, 0.5], np.float32)),
+                            )
+                        }
+                    )
+                    for bank in state.banks[target.name]
+                )
+            }
             mapping = padded_batch_mapping([1, 0, 2, 3] * 4, t // 16, num_slots=4)
             graphdef, params = nnx.split(wrapped)
 
@@ -331,7 +335,38 @@ def data_parallel_ops(mesh) -> dict:
                     "rel_err": float(np.abs(got - expected).max() / np.abs(expected).max()),
                     **collectives(compiled),
                 }
+    # Eager, on sharded arrays; and inside a caller's own shard_map, already manual over data
+    # (each shard its own mapping): both must take the right path, not a nested shard_map.
     mapping = LoRAMapping.build(seq_slots, [length] * seqs, num_slots=slots)
+    x = rng.standard_normal((mapping.token_slots.shape[0], d_in)).astype(np.float32)
+    y = rng.standard_normal((x.shape[0], d_out)).astype(np.float32)
+    a, b, scale = (np.asarray(v, np.float64) for v in (bank.a, bank.b, bank.scale))
+    expected = y + np.stack(
+        [scale[s] * (x[i] @ a[s] @ b[s]) for i, s in enumerate(np.asarray(mapping.token_slots))]
+    )
+    got = ops.add_lora(
+        jax.device_put(y, rows),
+        jax.device_put(x, rows),
+        bank,
+        jax.device_put(mapping, sh.mapping_shardings(mapping, mesh)),
+    )
+    out["xla/eager"] = {"rel_err": float(np.abs(got - expected).max() / np.abs(expected).max())}
+    shard = LoRAMapping.build([3] * 2, [length] * 2, num_slots=slots, num_tokens=2 * length)
+    in_shard_map = jax.jit(
+        jax.shard_map(
+            lambda y, x: ops.add_lora(y, x, bank, shard),
+            mesh=mesh,
+            in_specs=(jax.P(sh.DATA), jax.P(sh.DATA)),
+            out_specs=jax.P(sh.DATA),
+            axis_names=frozenset({sh.DATA}),
+            check_vma=False,
+        )
+    )
+    got = np.asarray(in_shard_map(y, x))
+    expected = y + scale[3] * (x @ a[3] @ b[3])
+    out["xla/in_user_shard_map"] = {
+        "rel_err": float(np.abs(got - expected).max() / np.abs(expected).max())
+    }
     vocab = 11
     emb = LoRABank(
         a=jnp.asarray(rng.standard_normal((slots, vocab, rank)), jnp.float32),
@@ -394,6 +429,8 @@ def main(argv: list[str]) -> None:
         cases = [(d, m, True, False, True) for d, m in meshes]
     elif (2, 4) in meshes:
         cases.append((2, 4, True, True, False))
+        # A model axis that divides the KV heads (2): no resharding around the attention.
+        cases.append((4, 2, False, False, True))
     timings = {}
     t = time.perf_counter()
     single = run_case(base, adapters, None, fully=False, decode=True)  # this process's device 0

@@ -74,9 +74,15 @@ def test_add_lora_and_the_engine_compile_with_the_kernels_for_a_gpu(compiler):
     # One shrink and one expand launch per add_lora (the q/k/v slices share them).
     ops = [r["triton_calls"] for r in results if r["name"].startswith("h200/add_lora/")]
     assert ops == [2] * 12, ops
-    # On two GPUs with the rows split on `data`, each launches them on its rows, no collectives.
-    sharded = [(r["triton_calls"], r["collectives"]) for r in results if "/data/" in r["name"]]
-    assert sharded == [(2, 0)] * 2, sharded
+    # On two GPUs each launches them on its own shard, with only the layout's collectives: none
+    # for split rows or a column-parallel layer, one all-reduce of h for a row-parallel one.
+    sharded = {r["name"]: (r["triton_calls"], r["collectives"]) for r in results
+               if r["name"].startswith("h200x2/")}  # fmt: skip
+    assert sharded == {
+        f"h200x2/add_lora/{layout}/{step}": (2, collectives)
+        for layout, collectives in (("data", {}), ("column", {}), ("row", {"all-reduce": 1}))
+        for step in ("prefill", "decode")
+    }, sharded
     steps = {}
     for r in results:
         if "/engine/" in r["name"]:

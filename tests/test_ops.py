@@ -199,6 +199,23 @@ def test_rows_per_sequence_use_seq_slots(rng):
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("strategy", ops.XLA_STRATEGIES)
+def test_eager_calls_take_host_arrays(strategy, rng):
+    """Without a jit, numpy activations and a host-built mapping (what `LoRAMapping.build`
+    returns) work on every XLA strategy, whose loops index them with traced values."""
+    mapping = LoRAMapping.build([1, 0, 2, 1, 3], [5, 3, 4, 6, 6], num_slots=4, num_tokens=24)
+    slots = np.asarray(mapping.token_slots)
+    a = rng.standard_normal((4, 16, 4)).astype(np.float32)
+    b = rng.standard_normal((4, 4, 8)).astype(np.float32)
+    bank = LoRABank(a=a, b=b, scale=np.asarray([0.0, 1.0, 0.5, 2.0], np.float32))
+    x = rng.standard_normal((24, 16)).astype(np.float32)
+    y = rng.standard_normal((24, 8)).astype(np.float32)
+    out = ops.add_lora(y, x, bank, mapping, impl="xla", config=ops.OpsConfig(xla_strategy=strategy))
+    ref_bank = jax.tree.map(jnp.asarray, bank)
+    expected = reference.add_lora(jnp.asarray(y), jnp.asarray(x), (ref_bank,), jnp.asarray(slots))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", ["pattern_random", "slots33_one_token", "bfloat16_random"])
 def test_embedding_matches_reference(name, rng):
     case = CASES[name]
