@@ -395,6 +395,61 @@ def data_parallel_ops(mesh) -> dict:
     return out
 
 
+def sharded_loading(meshes) -> dict:
+    """`from_pretrained(mesh=...)` against `shard_model(from_pretrained(...))`, plain and fused,
+    per mesh: per parameter, whether this process's shards are bitwise equal, the shardings
+    equivalent, and the sizes of the blocks read from the checkpoint (so the test sees that a
+    split weight is only ever read a shard at a time, each distinct shard once)."""
+    import jlora.models.llama as llama
+
+    reads: dict[tuple, list[int]] = {}
+    original = llama._Checkpoint.read
+
+    def recording(self, source, bounds):
+        block = original(self, source, bounds)
+        reads.setdefault(source.names, []).append(int(block.size))
+        return block
+
+    out = {}
+    llama._Checkpoint.read = recording
+    try:
+        for data, model in meshes:
+            mesh = sh.make_mesh(data, model)
+            for fuse in (False, True):
+                reads.clear()
+                path, kw = FIXTURES / "tiny_llama", dict(fuse_qkv=fuse, fuse_gate_up=fuse)
+                loaded = from_pretrained(path, mesh=mesh, **kw)
+                param_of = {s.names: n for n, s in llama._param_sources(loaded.config).items()}
+                got_reads = {param_of[names]: list(sizes) for names, sizes in reads.items()}
+                got = nnx.state(loaded, nnx.Param)
+                want = nnx.state(sh.shard_model(from_pretrained(path, **kw), mesh), nnx.Param)
+                params = {}
+                for (key, g), (_, w) in zip(
+                    jax.tree_util.tree_leaves_with_path(got),
+                    jax.tree_util.tree_leaves_with_path(want),
+                    strict=True,
+                ):
+                    name = ".".join(sh._key_name(k) for k in key if sh._key_name(k) != "value")
+                    shards = {s.device: np.asarray(s.data) for s in w.addressable_shards}
+                    params[name] = {
+                        "size": int(g.size),
+                        "distinct_shards": len({str(s.index) for s in g.addressable_shards}),
+                        "equal": g.dtype == w.dtype
+                        and all(
+                            np.array_equal(np.asarray(s.data), shards[s.device])
+                            for s in g.addressable_shards
+                        ),
+                        "same_sharding": g.sharding.is_equivalent_to(w.sharding, g.ndim),
+                        "spec": str(g.sharding.spec),
+                        "reads": got_reads.pop(name, []),
+                    }
+                assert not got_reads, got_reads  # every block read belongs to a parameter
+                out[f"{data}x{model}{'-fused' if fuse else ''}"] = params
+    finally:
+        llama._Checkpoint.read = original
+    return out
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("meshes", nargs="*", default=["1x8", "2x4", "8x1"], help="DATAxMODEL")
@@ -468,6 +523,9 @@ def main(argv: list[str]) -> None:
         t = time.perf_counter()
         result["data_parallel_ops"] = data_parallel_ops(sh.make_mesh(8, 1))
         timings["data_parallel_ops"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result["sharded_loading"] = sharded_loading([(2, 4)] if distributed else [(1, 8), (2, 4)])
+    timings["sharded_loading"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - START
     result["timings"] = timings
     if args.out:

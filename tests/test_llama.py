@@ -15,6 +15,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import jlora.manager as mgr
+import jlora.models.llama as llama
 from jlora.apply import apply, find_targets
 from jlora.config import LoRAConfig
 from jlora.context import lora_context, padded_batch_mapping
@@ -364,6 +365,74 @@ def test_bad_head_counts_name_the_config_file(tmp_path, field, value):
     (path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match=rf"config\.json: .*{field} must be an int >= 1"):
         from_pretrained(path)
+
+
+def test_integer_tensor_is_named(tmp_path):
+    path = copy_checkpoint(BASE, tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    rewrite(path / "model.safetensors", lambda t: t.update({name: t[name].astype(np.int64)}))
+    with pytest.raises(CheckpointError, match=rf"{name}' has dtype I64; expected one of"):
+        from_pretrained(path)
+
+
+def test_blocks_read_across_fused_sources_match_the_whole_parameter():
+    """A shard of a fused projection may straddle q|k|v (or gate|up): each block read from the
+    checkpoint equals the same block of the fully loaded parameter, wherever it starts."""
+    fused = from_pretrained(BASE, fuse_qkv=True, fuse_gate_up=True)
+    sources = llama._param_sources(fused.config)
+    params = {
+        ".".join(map(str, p)): v for p, v in nnx.iter_graph(fused) if isinstance(v, nnx.Param)
+    }
+    with llama._Checkpoint(str(BASE), llama._tensor_files(str(BASE))) as checkpoint:
+        for name, bounds in [
+            ("model.layers.1.self_attn.qkv_proj.kernel", ((3, 41), (60, 100))),  # q|k|v
+            ("model.layers.0.mlp.gate_up_proj.kernel", ((0, 64), (170, 181))),  # gate|up
+            ("model.layers.0.self_attn.o_proj.kernel", ((16, 32), (5, 6))),
+            ("model.embed_tokens.embedding", ((100, 128), (0, 64))),
+            ("model.norm.weight", ((7, 9),)),
+        ]:
+            whole = np.asarray(params[name][...])
+            want = whole[tuple(slice(a, b) for a, b in bounds)]
+            got = checkpoint.read(sources[name], bounds)
+            assert got.shape == want.shape and np.array_equal(got, want), name
+
+
+def test_mesh_loading_errors_come_before_any_read(monkeypatch):
+    from jax.sharding import AbstractMesh, AxisType
+
+    from jlora.errors import LoRAConfigError
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(llama._Checkpoint, "read", no_read)
+
+    def mesh(data, model, axis_type=AxisType.Auto):
+        return AbstractMesh((data, model), ("data", "model"), axis_types=(axis_type,) * 2)
+
+    with pytest.raises(TypeError, match="specs needs a mesh"):
+        from_pretrained(BASE, specs={})
+    with pytest.raises(LoRAConfigError, match=r"lm_head\.kernel: dim 1 \(128\).*'model' of 3"):
+        from_pretrained(BASE, mesh=mesh(1, 3))
+    with pytest.raises(LoRAConfigError, match="AxisType.Auto"):
+        from_pretrained(BASE, mesh=mesh(1, 1, AxisType.Explicit))
+    with pytest.raises(LoRAConfigError, match=r"specs has no PartitionSpec for parameter 'lm_head"):
+        from_pretrained(BASE, mesh=mesh(1, 1), specs={})
+    with pytest.raises(LoRAConfigError, match="mesh is a AbstractMesh; loading needs the devices"):
+        from_pretrained(BASE, mesh=mesh(1, 1))
+
+
+def test_mesh_loading_on_one_device_equals_the_plain_load():
+    """The 8-device cases are in test_sharding.py; one device: same values, on the mesh."""
+    from jlora import sharding as sh
+
+    mesh = sh.make_mesh(1, 1, devices=jax.devices()[:1])
+    for kw in ({}, {"fuse_qkv": True, "fuse_gate_up": True, "dtype": "bfloat16"}):
+        got = nnx.state(from_pretrained(SHARDED, mesh=mesh, **kw), nnx.Param)
+        want = nnx.state(from_pretrained(SHARDED, **kw), nnx.Param)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert g.dtype == w.dtype and np.array_equal(np.asarray(g), np.asarray(w))
+            assert g.sharding.mesh.shape == mesh.shape
 
 
 def test_adapters_that_do_not_fit_the_llama_are_named(adapters):

@@ -256,11 +256,35 @@ def test_lora_ops_run_per_data_shard(report):
         assert nonzero(result) == {}, key
 
 
+def check_sharded_loading(loading: dict, names: list[str]) -> None:
+    """Each parameter ``from_pretrained(mesh=...)`` built equals (bitwise, on this process's
+    devices) and is laid out as ``shard_model(from_pretrained(...))``'s, and was read from the
+    checkpoint one shard at a time, each distinct shard once (replicas over ``data`` share it):
+    no host array ever held a whole split weight."""
+    assert sorted(loading) == sorted(names)
+    for name in names:
+        model = int(name.split("-")[0].split("x")[1])
+        for param, p in loading[name].items():
+            assert p["equal"] and p["same_sharding"], (name, param)
+            split = "norm" not in param  # Megatron style: only the norms stay replicated
+            assert ("'model'" in p["spec"]) == split, (name, param, p["spec"])
+            assert p["distinct_shards"] == (model if split else 1), (name, param)
+            assert p["reads"] == [p["size"] // p["distinct_shards"]] * p["distinct_shards"], (
+                name,
+                param,
+            )
+
+
+def test_from_pretrained_on_a_mesh_reads_each_device_shard(report):
+    check_sharded_loading(report["sharded_loading"], ["1x8", "1x8-fused", "2x4", "2x4-fused"])
+
+
 def test_two_processes_under_jax_distributed(distributed):
     """The same code as one process with 8 devices, as two processes (hosts) with 4 each: the
     mesh puts ``data`` across the processes and ``model`` within each; both processes' host
     bookkeeping takes the same slots; the logits equal one device's; the banks keep their
-    shardings through the manager's writes."""
+    shardings through the manager's writes; ``from_pretrained(mesh=...)`` reads each process's
+    shards only."""
     assert [r["process"] for r in distributed] == [0, 1]
     cases = [r["cases"] for r in distributed]
     assert [[c["name"] for c in cs] for cs in cases] == [["2x4-fully"]] * 2
@@ -276,6 +300,8 @@ def test_two_processes_under_jax_distributed(distributed):
             for target, slices in c["banks"][phase].items():
                 assert [s[:3] for s in slices] == [s[:3] for s in c["banks"]["init"][target]]
                 assert all(on_mesh and kept for *_, on_mesh, kept in slices), (phase, target)
+    for r in distributed:  # a process's 4 devices are one data row: it reads each model shard once
+        check_sharded_loading(r["sharded_loading"], ["2x4", "2x4-fused"])
 
 
 def test_one_device_banks_have_no_mesh(report):

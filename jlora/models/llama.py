@@ -22,7 +22,9 @@ is written and its output is finite but meaningless. Positions must be ``< max_l
 
 Loading reads ``config.json`` and safetensors (one file, or shards with
 ``model.safetensors.index.json``) with numpy; PyTorch is never imported and pickles are refused.
-Imports jlora.errors and jlora.config only.
+With a ``mesh`` it builds each parameter sharded, reading every device's block straight from the
+files, so no host holds a whole split weight. Imports jlora.errors and jlora.config only, and
+jlora.sharding (which imports this module) inside a mesh load.
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ from flax import nnx, struct
 from safetensors import SafetensorError, safe_open
 
 from jlora.config import is_int
-from jlora.errors import CheckpointError
+from jlora.errors import CheckpointError, LoRAConfigError
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtypes a weight may have (cast to the model's dtype on load).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -490,6 +494,8 @@ def from_pretrained(
     dtype: str | jnp.dtype | None = None,
     fuse_qkv: bool = False,
     fuse_gate_up: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    specs: nnx.State | None = None,
 ) -> LlamaForCausalLM:
     """Loads a HF Llama checkpoint directory (``config.json`` + safetensors, sharded or not).
 
@@ -498,11 +504,23 @@ def from_pretrained(
       dtype: parameter/compute dtype; default: the checkpoint's ``dtype``/``torch_dtype``, else
         float32.
       fuse_qkv / fuse_gate_up: build fused projections (HF's separate weights are concatenated).
+      mesh: load tensor-parallel onto this ``("data", "model")`` mesh: each parameter is created
+        with its sharding (``specs``, default ``jlora.sharding.llama_param_specs``) and each
+        device's shard is read from the files on its own, so no device and no host ever holds a
+        whole weight (a process of a multi-host mesh reads only its devices' shards). The
+        result equals ``jlora.sharding.shard_model(from_pretrained(path), mesh)``.
+      specs: ``PartitionSpec`` per parameter (the structure of ``nnx.state(model)``); with
+        ``mesh`` only.
 
     Raises:
       CheckpointError: naming the file or tensor: no config or weights, a pickle-only checkpoint,
         a missing, unexpected or mis-shaped tensor, an index pointing at a missing shard or tensor.
+      LoRAConfigError: a mesh jlora cannot use, ``specs`` lacking a parameter, or a mesh axis
+        that does not divide the parameter dim it splits.
+      Everything is checked before any weight is read.
     """
+    if specs is not None and mesh is None:
+        raise TypeError("from_pretrained: specs needs a mesh")
     path = os.fspath(path)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
@@ -525,21 +543,166 @@ def from_pretrained(
     files = _tensor_files(path)
     expected = _hf_tensor_shapes(config)
     _check_names(path, files, expected, config)
-    arrays = _read_tensors(path, files, expected)
-
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     variables = {
         ".".join(str(p) for p in var_path): var
         for var_path, var in nnx.iter_graph(abstract)
         if isinstance(var, nnx.Variable)
     }
+    sources = _param_sources(config)
+    assert sorted(sources) == sorted(variables), set(sources) ^ set(variables)
+    shardings = None if mesh is None else _param_shardings(abstract, mesh, specs)
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise LoRAConfigError(
+            f"from_pretrained: mesh is a {type(mesh).__name__}; loading needs the devices, "
+            "a jax.sharding.Mesh (jlora.sharding.make_mesh builds one)"
+        )
     param_dtype = jnp.dtype(config.dtype)
-    for name, value in _param_values(config, arrays).items():
-        var = variables.pop(name)
-        assert tuple(var.shape) == value.shape, (name, var.shape, value.shape)
-        var.set_value(jnp.asarray(value.astype(param_dtype)))
-    assert not variables, f"parameters left unset: {sorted(variables)}"
+    with _Checkpoint(path, files) as checkpoint:
+        checkpoint.check(expected)
+        for name, source in sources.items():
+            var = variables[name]
+            shape = tuple(var.shape)
+
+            def read(index, source=source, shape=shape):
+                return checkpoint.read(source, _bounds(index, shape)).astype(param_dtype)
+
+            if shardings is None:
+                value = jnp.asarray(read((slice(None),) * len(shape)))
+            else:
+                value = jax.make_array_from_callback(shape, shardings[name], _once_per_shard(read))
+            assert value.shape == shape, (name, value.shape, shape)
+            var.set_value(value)
     return abstract
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where one parameter is in the checkpoint: HF tensors ``names`` (``widths`` wide)
+    concatenated on the parameter's last dim, each transposed first when ``transpose`` (a Linear
+    weight ``[out, in]`` becomes a kernel ``[in, out]``; fused projections concatenate on out)."""
+
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+    transpose: bool
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A shard's index (slices, as ``make_array_from_callback`` passes it) as (start, stop)."""
+    out = []
+    for s, n in zip(index, shape, strict=True):
+        start, stop, step = s.indices(n)
+        assert step == 1, index
+        out.append((start, stop))
+    return tuple(out)
+
+
+def _once_per_shard(read):
+    """``read`` memoized on the shard's bounds: devices that hold the same shard (replicas over
+    ``data``) share one read."""
+    cache: dict = {}
+
+    def callback(index):
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:
+            cache[key] = read(index)
+        return cache[key]
+
+    return callback
+
+
+class _Checkpoint:
+    """The checkpoint's safetensors files, open for the duration of a load; reads any block of
+    a parameter straight from the files (safetensors slices), never a whole tensor it does not
+    need."""
+
+    def __init__(self, path: str, files: Mapping[str, str]):
+        self.path, self.files = path, files
+        self.handles: dict[str, Any] = {}  # file -> open safe_open
+        self.keys: dict[str, set[str]] = {}  # file -> its tensor names
+
+    def __enter__(self) -> _Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles.values():
+            handle.__exit__(None, None, None)
+        self.handles.clear()
+
+    def _handle(self, name: str):
+        file = self.files[name]
+        if file not in self.handles:
+            full = os.path.join(self.path, file)
+            try:
+                self.handles[file] = safe_open(full, framework="numpy").__enter__()
+                self.keys[file] = set(self.handles[file].keys())
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{full}: unreadable safetensors ({e})") from None
+        return self.handles[file]
+
+    def check(self, expected: Mapping[str, tuple[int, ...]]) -> None:
+        """Every expected tensor is in its file, with its shape and a float dtype (headers only)."""
+        for name, shape in expected.items():
+            handle, full = self._handle(name), os.path.join(self.path, self.files[name])
+            if name not in self.keys[self.files[name]]:
+                raise CheckpointError(
+                    f"{full}: tensor {name!r} is missing (the index maps it to this file)"
+                )
+            info = handle.get_slice(name)
+            if tuple(info.get_shape()) != shape:
+                raise CheckpointError(
+                    f"{full}: tensor {name!r} has shape {list(info.get_shape())}, config.json "
+                    f"implies {list(shape)}"
+                )
+            if info.get_dtype() not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{full}: tensor {name!r} has dtype {info.get_dtype()}; "
+                    f"expected one of {FLOAT_DTYPES}"
+                )
+
+    def read(self, source: _Source, bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """The block ``bounds`` of the parameter ``source`` describes."""
+        *lead, (lo, hi) = bounds
+        pieces, offset = [], 0
+        for name, width in zip(source.names, source.widths, strict=True):
+            start, stop = max(lo, offset), min(hi, offset + width)
+            if start < stop:
+                block = [slice(a, b) for a, b in lead] + [slice(start - offset, stop - offset)]
+                if source.transpose:
+                    block = block[::-1]
+                try:
+                    piece = self._handle(name).get_slice(name)[tuple(block)]
+                except (SafetensorError, OSError) as e:
+                    full = os.path.join(self.path, self.files[name])
+                    raise CheckpointError(f"{full}: tensor {name!r} unreadable ({e})") from None
+                pieces.append(piece.T if source.transpose else piece)
+            offset += width
+        assert pieces, (source, bounds)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=-1)
+
+
+def _param_shardings(abstract: nnx.Module, mesh, specs) -> dict[str, jax.sharding.NamedSharding]:
+    """NNX parameter path -> its ``NamedSharding`` on ``mesh``, every split checked first."""
+    from jlora import sharding as sh  # jlora.sharding imports this module
+
+    sh.check_mesh(mesh)
+    specs = sh.llama_param_specs(abstract) if specs is None else specs
+    out = {}
+    for var_path, spec in jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    ):
+        name = ".".join(sh._key_name(k) for k in var_path if sh._key_name(k) != "value")
+        out[name] = jax.sharding.NamedSharding(mesh, spec)
+    for var_path, var in nnx.iter_graph(abstract):
+        if isinstance(var, nnx.Variable):
+            name = ".".join(str(p) for p in var_path)
+            if name not in out:
+                raise LoRAConfigError(
+                    f"from_pretrained: specs has no PartitionSpec for parameter {name!r}; "
+                    "pass the structure of nnx.state(model), as jlora.sharding.llama_param_specs"
+                )
+            sh._check_divisible(name, var.shape, out[name].spec, mesh)
+    return out
 
 
 def _tensor_files(path: str) -> dict[str, str]:
@@ -580,7 +743,7 @@ def _keys(path: str, file: str) -> list[str]:
 
 
 def _hf_tensor_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    h, i, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    h, v = c.hidden_size, c.vocab_size
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
@@ -588,20 +751,25 @@ def _hf_tensor_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{n}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        linears = {
-            "self_attn.q_proj": (c.q_dim, h, c.attention_bias),
-            "self_attn.k_proj": (c.kv_dim, h, c.attention_bias),
-            "self_attn.v_proj": (c.kv_dim, h, c.attention_bias),
-            "self_attn.o_proj": (h, c.q_dim, c.attention_bias),
-            "mlp.gate_proj": (i, h, c.mlp_bias),
-            "mlp.up_proj": (i, h, c.mlp_bias),
-            "mlp.down_proj": (h, i, c.mlp_bias),
-        }
-        for name, (n_out, n_in, bias) in linears.items():
+        for name, (n_out, n_in, bias) in _linears(c).items():
             shapes[f"{p}{name}.weight"] = (n_out, n_in)
             if bias:
                 shapes[f"{p}{name}.bias"] = (n_out,)
     return shapes
+
+
+def _linears(c: LlamaConfig) -> dict[str, tuple[int, int, bool]]:
+    """A decoder layer's HF Linear modules: (out, in, has bias)."""
+    h, i = c.hidden_size, c.intermediate_size
+    return {
+        "self_attn.q_proj": (c.q_dim, h, c.attention_bias),
+        "self_attn.k_proj": (c.kv_dim, h, c.attention_bias),
+        "self_attn.v_proj": (c.kv_dim, h, c.attention_bias),
+        "self_attn.o_proj": (h, c.q_dim, c.attention_bias),
+        "mlp.gate_proj": (i, h, c.mlp_bias),
+        "mlp.up_proj": (i, h, c.mlp_bias),
+        "mlp.down_proj": (h, i, c.mlp_bias),
+    }
 
 
 def _check_names(path, files: dict[str, str], expected, c: LlamaConfig) -> None:
@@ -624,69 +792,42 @@ def _check_names(path, files: dict[str, str], expected, c: LlamaConfig) -> None:
         )
 
 
-def _read_tensors(path, files: dict[str, str], expected) -> dict[str, np.ndarray]:
-    by_file: dict[str, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    arrays = {}
-    for file, names in by_file.items():
-        full = os.path.join(path, file)
-        try:
-            with safe_open(full, framework="numpy") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise CheckpointError(
-                            f"{full}: tensor {name!r} is missing (the index maps it to this file)"
-                        )
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != expected[name]:
-                        raise CheckpointError(
-                            f"{full}: tensor {name!r} has shape {list(shape)}, config.json "
-                            f"implies {list(expected[name])}"
-                        )
-                    array = f.get_tensor(name)
-                    if not np.issubdtype(array.dtype, np.floating) and array.dtype != jnp.bfloat16:
-                        raise CheckpointError(f"{full}: tensor {name!r} has dtype {array.dtype}")
-                    arrays[name] = array
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{full}: unreadable safetensors ({e})") from None
-    return arrays
-
-
-def _param_values(c: LlamaConfig, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """NNX parameter path -> value, from HF tensors (Linear weights transposed, fused
+def _param_sources(c: LlamaConfig) -> dict[str, _Source]:
+    """NNX parameter path -> where it is in a HF checkpoint (Linear weights transposed, fused
     projections concatenated along the output dim)."""
-
-    def linear(dst: str, srcs: list[str], bias: bool) -> dict[str, np.ndarray]:
-        out = {f"{dst}.kernel": np.concatenate([t[f"{s}.weight"].T for s in srcs], axis=1)}
-        if bias:
-            out[f"{dst}.bias"] = np.concatenate([t[f"{s}.bias"] for s in srcs])
-        return out
-
-    values = {
-        "model.embed_tokens.embedding": t["model.embed_tokens.weight"],
-        "model.norm.weight": t["model.norm.weight"],
+    linears = _linears(c)
+    sources = {
+        "model.embed_tokens.embedding": _Source(
+            ("model.embed_tokens.weight",), (c.hidden_size,), False
+        ),
+        "model.norm.weight": _Source(("model.norm.weight",), (c.hidden_size,), False),
     }
+
+    def linear(dst: str, prefix: str, srcs: list[str], bias: bool) -> None:
+        widths = tuple(linears[s][0] for s in srcs)
+        names = tuple(f"{prefix}{s}" for s in srcs)
+        sources[f"{dst}.kernel"] = _Source(tuple(f"{n}.weight" for n in names), widths, True)
+        if bias:
+            sources[f"{dst}.bias"] = _Source(tuple(f"{n}.bias" for n in names), widths, False)
+
     if not c.tie_word_embeddings:
-        values.update(linear("lm_head", ["lm_head"], False))
+        sources["lm_head.kernel"] = _Source(("lm_head.weight",), (c.vocab_size,), True)
     for n in range(c.num_hidden_layers):
         p = f"model.layers.{n}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            values[f"{p}.{norm}.weight"] = t[f"{p}.{norm}.weight"]
-        attn, mlp = f"{p}.self_attn", f"{p}.mlp"
-        qkv = [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
-        if c.fuse_qkv:
-            values.update(linear(f"{attn}.qkv_proj", qkv, c.attention_bias))
-        else:
-            for src in qkv:
-                values.update(linear(src, [src], c.attention_bias))
-        values.update(linear(f"{attn}.o_proj", [f"{attn}.o_proj"], c.attention_bias))
-        gate_up = [f"{mlp}.gate_proj", f"{mlp}.up_proj"]
-        if c.fuse_gate_up:
-            values.update(linear(f"{mlp}.gate_up_proj", gate_up, c.mlp_bias))
-        else:
-            for src in gate_up:
-                values.update(linear(src, [src], c.mlp_bias))
-        values.update(linear(f"{mlp}.down_proj", [f"{mlp}.down_proj"], c.mlp_bias))
-    return values
+            name = f"{p}.{norm}.weight"
+            sources[name] = _Source((name,), (c.hidden_size,), False)
+        groups = [
+            ("self_attn.qkv_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            ("self_attn.o_proj", ["self_attn.o_proj"]),
+            ("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"]),
+            ("mlp.down_proj", ["mlp.down_proj"]),
+        ]
+        for fused, srcs in groups:
+            bias = c.attention_bias if fused.startswith("self_attn") else c.mlp_bias
+            if len(srcs) > 1 and (c.fuse_qkv if fused == "self_attn.qkv_proj" else c.fuse_gate_up):
+                linear(f"{p}.{fused}", f"{p}.", srcs, bias)
+            else:
+                for src in srcs:
+                    linear(f"{p}.{src}", f"{p}.", [src], bias)
+    return sources
