@@ -205,6 +205,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, specs: nnx.State | None = None) -
 
     def sharding(path, x, spec):
         name = ".".join(_key_name(k) for k in path if _key_name(k) != "value")
+        _check_spec(name, x.ndim, spec, mesh)
         _check_divisible(name, x.shape, spec, mesh)
         return NamedSharding(mesh, spec)
 
@@ -492,6 +493,22 @@ def _is_spec(x) -> bool:
 def _normalize(spec: P, ndim: int) -> P:
     entries = list(spec) + [None] * (ndim - len(spec))
     return P(*entries) if any(e is not None for e in entries) else P()
+
+
+def _check_spec(what: str, ndim: int, spec, mesh) -> None:
+    """A user's ``PartitionSpec`` for an ``ndim`` array fits ``mesh``: no more entries than dims,
+    only the mesh's axes, each at most once (JAX's own errors come later, some mid-placement)."""
+    entries = tuple(spec)
+    if len(entries) > ndim:
+        raise LoRAConfigError(f"{what}: {spec} has {len(entries)} entries for {ndim} dims")
+    used = [a for e in entries if e is not None for a in (e if isinstance(e, tuple) else (e,))]
+    unknown = [a for a in used if a not in mesh.axis_names]
+    if unknown:
+        raise LoRAConfigError(
+            f"{what}: {spec} names {unknown}, not axes of the mesh {list(mesh.axis_names)}"
+        )
+    if len(set(used)) < len(used):
+        raise LoRAConfigError(f"{what}: {spec} uses a mesh axis twice")
 
 
 def _check_divisible(what: str, shape, spec, mesh, *, hint: str | None = None) -> None:

@@ -285,6 +285,57 @@ def layer_collectives(mesh) -> dict:
     return out
 
 
+def embedding_collectives(mesh) -> dict:
+    """An ``nnx.Embed`` wrapped by jlora.apply, vocab-parallel (its table split on vocab), jitted
+    on the mesh, plain and fully sharded LoRA: the collectives the LoRA adds to the base lookup,
+    and its error against a float64 reference."""
+    out = {}
+    t, vocab, hidden, rank = 64, 128, 64, 16
+    rng = np.random.default_rng(2)
+    for fully in (False, True):
+        embed = nnx.Embed(vocab, hidden, rngs=nnx.Rngs(0))
+        table = jax.NamedSharding(mesh, jax.P(sh.MODEL, None))
+        embed.embedding.set_value(jax.device_put(embed.embedding[...], table))
+        wrapped = apply(embed)
+        (target,) = find_targets(wrapped)
+        shardings = sh.bank_shardings([target], mesh, sh.layer_styles(wrapped), fully_sharded=fully)
+        state = mgr.init_state(
+            LoRAConfig(max_loras=3, max_lora_rank=rank), [target], shardings=shardings
+        )
+        (bank,) = state.banks[target.name]
+        bank = bank.replace(
+            a=jax.device_put(rng.standard_normal(bank.a.shape).astype(np.float32), bank.a.sharding),
+            b=jax.device_put(rng.standard_normal(bank.b.shape).astype(np.float32), bank.b.sharding),
+            scale=jax.device_put(np.asarray([0.0, 1.0, 2.0, 0.5], np.float32), bank.scale.sharding),
+        )
+        banks = {target.name: (bank,)}
+        mapping = padded_batch_mapping([1, 0, 2, 3] * 4, t // 16, num_slots=4)
+        graphdef, params = nnx.split(wrapped)
+
+        def step(params, banks, mapping, ids, graphdef=graphdef):
+            with lora_context(banks, mapping):
+                return nnx.merge(graphdef, params)(ids)
+
+        ids = jax.device_put(
+            jnp.asarray(rng.integers(0, vocab, t), jnp.int32),
+            jax.NamedSharding(mesh, jax.P(sh.DATA)),
+        )
+        args = (params, banks, jax.device_put(mapping, sh.mapping_shardings(mapping, mesh)), ids)
+        compiled = jax.jit(step).lower(*args).compile()
+        base = jax.jit(lambda params, ids, g=graphdef: nnx.merge(g, params)(ids))
+        with_lora, without = collectives(compiled), collectives(base.lower(params, ids).compile())
+        key = "fully" if fully else "plain"
+        out[key] = {k: with_lora[k] - without[k] for k in (*COLLECTIVES, "in_loops")}
+        (host,) = jax.device_get(banks[target.name])
+        tokens, slots = np.asarray(ids), np.asarray(mapping.token_slots)
+        expected = np.asarray(embed.embedding[...], np.float64)[tokens]
+        for i, s in enumerate(slots):
+            expected[i] += host.scale[s] * (host.a[s, tokens[i]].astype(np.float64) @ host.b[s])
+        got = np.asarray(compiled(*args))
+        out[key]["rel_err"] = float(np.abs(got - expected).max() / np.abs(expected).max())
+    return out
+
+
 def data_parallel_ops(mesh) -> dict:
     """`add_lora` (XLA path and the Pallas kernels in interpret mode, prefill and decode, one row
     per token and one per sequence) and `add_lora_embedding` with the rows split on `data`:
@@ -395,11 +446,16 @@ def data_parallel_ops(mesh) -> dict:
     return out
 
 
-def sharded_loading(meshes) -> dict:
+def sharded_loading(meshes, bf16_files: bool) -> dict:
     """`from_pretrained(mesh=...)` against `shard_model(from_pretrained(...))`, plain and fused,
-    per mesh: per parameter, whether this process's shards are bitwise equal, the shardings
-    equivalent, and the sizes of the blocks read from the checkpoint (so the test sees that a
-    split weight is only ever read a shard at a time, each distinct shard once)."""
+    per mesh (and, with `bf16_files`, a 4-file bfloat16 copy of the sharded fixture loaded as
+    bfloat16 on the first mesh): per parameter, whether this process's shards are bitwise equal,
+    the shardings equivalent, and the sizes of the blocks read from the checkpoint (so the test
+    sees that a split weight is only ever read a shard at a time, each distinct shard once)."""
+    import tempfile
+
+    from safetensors.numpy import save_file
+
     import jlora.models.llama as llama
 
     reads: dict[tuple, list[int]] = {}
@@ -410,29 +466,45 @@ def sharded_loading(meshes) -> dict:
         reads.setdefault(source.names, []).append(int(block.size))
         return block
 
+    variants = [
+        (f"{d}x{m}{'-fused' if fuse else ''}", (d, m), FIXTURES / "tiny_llama",
+         dict(fuse_qkv=fuse, fuse_gate_up=fuse))
+        for d, m in meshes
+        for fuse in (False, True)
+    ]  # fmt: skip
     out = {}
-    llama._Checkpoint.read = recording
-    try:
-        for data, model in meshes:
-            mesh = sh.make_mesh(data, model)
-            for fuse in (False, True):
+    with tempfile.TemporaryDirectory() as tmp:
+        if bf16_files:
+            src, dst = FIXTURES / "tiny_llama_sharded", pathlib.Path(tmp)
+            for file in src.iterdir():
+                if file.suffix == ".safetensors":
+                    tensors = {k: v.astype(jnp.bfloat16) for k, v in load_file(str(file)).items()}
+                    save_file(tensors, str(dst / file.name), metadata={"format": "pt"})
+                else:
+                    (dst / file.name).write_bytes(file.read_bytes())
+            d, m = meshes[0]
+            variants.append((f"{d}x{m}-bf16-files", (d, m), dst, dict(dtype="bfloat16")))
+        llama._Checkpoint.read = recording
+        try:
+            for key, (data, model), path, kw in variants:
+                mesh = sh.make_mesh(data, model)
                 reads.clear()
-                path, kw = FIXTURES / "tiny_llama", dict(fuse_qkv=fuse, fuse_gate_up=fuse)
                 loaded = from_pretrained(path, mesh=mesh, **kw)
                 param_of = {s.names: n for n, s in llama._param_sources(loaded.config).items()}
                 got_reads = {param_of[names]: list(sizes) for names, sizes in reads.items()}
                 got = nnx.state(loaded, nnx.Param)
                 want = nnx.state(sh.shard_model(from_pretrained(path, **kw), mesh), nnx.Param)
                 params = {}
-                for (key, g), (_, w) in zip(
+                for (key_path, g), (_, w) in zip(
                     jax.tree_util.tree_leaves_with_path(got),
                     jax.tree_util.tree_leaves_with_path(want),
                     strict=True,
                 ):
-                    name = ".".join(sh._key_name(k) for k in key if sh._key_name(k) != "value")
+                    name = ".".join(sh._key_name(k) for k in key_path if sh._key_name(k) != "value")
                     shards = {s.device: np.asarray(s.data) for s in w.addressable_shards}
                     params[name] = {
                         "size": int(g.size),
+                        "dtype": str(g.dtype),
                         "distinct_shards": len({str(s.index) for s in g.addressable_shards}),
                         "equal": g.dtype == w.dtype
                         and all(
@@ -444,9 +516,9 @@ def sharded_loading(meshes) -> dict:
                         "reads": got_reads.pop(name, []),
                     }
                 assert not got_reads, got_reads  # every block read belongs to a parameter
-                out[f"{data}x{model}{'-fused' if fuse else ''}"] = params
-    finally:
-        llama._Checkpoint.read = original
+                out[key] = params
+        finally:
+            llama._Checkpoint.read = original
     return out
 
 
@@ -521,10 +593,16 @@ def main(argv: list[str]) -> None:
         result["layer_collectives"] = layer_collectives(sh.make_mesh(1, 8))
         timings["layer_collectives"] = time.perf_counter() - t
         t = time.perf_counter()
+        result["embedding_collectives"] = {
+            f"{d}x{m}": embedding_collectives(sh.make_mesh(d, m)) for d, m in ((1, 8), (2, 4))
+        }
+        timings["embedding_collectives"] = time.perf_counter() - t
+        t = time.perf_counter()
         result["data_parallel_ops"] = data_parallel_ops(sh.make_mesh(8, 1))
         timings["data_parallel_ops"] = time.perf_counter() - t
     t = time.perf_counter()
-    result["sharded_loading"] = sharded_loading([(2, 4)] if distributed else [(1, 8), (2, 4)])
+    # Under two processes, the 1x8 mesh gives each half of the model axis.
+    result["sharded_loading"] = sharded_loading([(2, 4), (1, 8)], bf16_files=not distributed)
     timings["sharded_loading"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - START
     result["timings"] = timings

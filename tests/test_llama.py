@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import ADAPTERS_DIR, FIXTURES
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 import jlora.manager as mgr
@@ -367,10 +368,15 @@ def test_bad_head_counts_name_the_config_file(tmp_path, field, value):
         from_pretrained(path)
 
 
-def test_integer_tensor_is_named(tmp_path):
+def no_read(*args, **kwargs):
+    raise AssertionError("a weight was read")
+
+
+def test_integer_tensor_is_named_before_any_read(tmp_path, monkeypatch):
     path = copy_checkpoint(BASE, tmp_path)
     name = "model.layers.0.mlp.down_proj.weight"
     rewrite(path / "model.safetensors", lambda t: t.update({name: t[name].astype(np.int64)}))
+    monkeypatch.setattr(llama._Checkpoint, "read", no_read)
     with pytest.raises(CheckpointError, match=rf"{name}' has dtype I64; expected one of"):
         from_pretrained(path)
 
@@ -400,15 +406,33 @@ def test_blocks_read_across_fused_sources_match_the_whole_parameter():
 def test_mesh_loading_errors_come_before_any_read(monkeypatch):
     from jax.sharding import AbstractMesh, AxisType
 
+    from jlora import sharding as sh
     from jlora.errors import LoRAConfigError
-
-    def no_read(*args, **kwargs):
-        raise AssertionError("a weight was read")
 
     monkeypatch.setattr(llama._Checkpoint, "read", no_read)
 
     def mesh(data, model, axis_type=AxisType.Auto):
         return AbstractMesh((data, model), ("data", "model"), axis_types=(axis_type,) * 2)
+
+    def specs_with(name, spec):  # the default specs, one replaced
+        config = LlamaConfig.from_hf(json.loads((BASE / "config.json").read_text()))
+        model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+
+        def pick(path, default):
+            key = ".".join(sh._key_name(k) for k in path if sh._key_name(k) != "value")
+            return spec if key == name else default
+
+        specs = sh.llama_param_specs(model)
+        return jax.tree_util.tree_map_with_path(pick, specs, is_leaf=lambda x: isinstance(x, P))
+
+    down = "model.layers.1.mlp.down_proj.kernel"
+    for spec, message in [
+        (P(None, None, "model"), "has 3 entries for 2 dims"),
+        (P("x", None), r"names \['x'\], not axes of the mesh \['data', 'model'\]"),
+        (P(("data", "model"), "model"), "uses a mesh axis twice"),
+    ]:
+        with pytest.raises(LoRAConfigError, match=rf"{down}: .*{message}"):
+            from_pretrained(BASE, mesh=mesh(2, 4), specs=specs_with(down, spec))
 
     with pytest.raises(TypeError, match="specs needs a mesh"):
         from_pretrained(BASE, specs={})

@@ -22,9 +22,10 @@ is written and its output is finite but meaningless. Positions must be ``< max_l
 
 Loading reads ``config.json`` and safetensors (one file, or shards with
 ``model.safetensors.index.json``) with numpy; PyTorch is never imported and pickles are refused.
-With a ``mesh`` it builds each parameter sharded, reading every device's block straight from the
-files, so no host holds a whole split weight. Imports jlora.errors and jlora.config only, and
-jlora.sharding (which imports this module) inside a mesh load.
+With a ``mesh`` it builds each parameter sharded, each process reading only its devices' blocks
+straight from the files (at most one parameter's blocks in host memory at a time). Imports
+jlora.errors and jlora.config only, and jlora.sharding (which imports this module) inside a mesh
+load.
 """
 
 from __future__ import annotations
@@ -506,8 +507,9 @@ def from_pretrained(
       fuse_qkv / fuse_gate_up: build fused projections (HF's separate weights are concatenated).
       mesh: load tensor-parallel onto this ``("data", "model")`` mesh: each parameter is created
         with its sharding (``specs``, default ``jlora.sharding.llama_param_specs``) and each
-        device's shard is read from the files on its own, so no device and no host ever holds a
-        whole weight (a process of a multi-host mesh reads only its devices' shards). The
+        device's block is read from the files on its own (once for all replicas of it): no
+        device holds a whole split weight, and a process reads only its own devices' blocks,
+        holding at most one parameter's of them in host memory at a time, never the model. The
         result equals ``jlora.sharding.shard_model(from_pretrained(path), mesh)``.
       specs: ``PartitionSpec`` per parameter (the structure of ``nnx.state(model)``); with
         ``mesh`` only.
@@ -570,7 +572,9 @@ def from_pretrained(
             if shardings is None:
                 value = jnp.asarray(read((slice(None),) * len(shape)))
             else:
-                value = jax.make_array_from_callback(shape, shardings[name], _once_per_shard(read))
+                value = jax.make_array_from_callback(  # dtype: a process may hold no shard
+                    shape, shardings[name], _once_per_shard(read), dtype=param_dtype
+                )
             assert value.shape == shape, (name, value.shape, shape)
             var.set_value(value)
     return abstract
@@ -692,7 +696,7 @@ def _param_shardings(abstract: nnx.Module, mesh, specs) -> dict[str, jax.shardin
         specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
     ):
         name = ".".join(sh._key_name(k) for k in var_path if sh._key_name(k) != "value")
-        out[name] = jax.sharding.NamedSharding(mesh, spec)
+        out[name] = spec
     for var_path, var in nnx.iter_graph(abstract):
         if isinstance(var, nnx.Variable):
             name = ".".join(str(p) for p in var_path)
@@ -701,7 +705,12 @@ def _param_shardings(abstract: nnx.Module, mesh, specs) -> dict[str, jax.shardin
                     f"from_pretrained: specs has no PartitionSpec for parameter {name!r}; "
                     "pass the structure of nnx.state(model), as jlora.sharding.llama_param_specs"
                 )
-            sh._check_divisible(name, var.shape, out[name].spec, mesh)
+            spec = out[name]
+            if not isinstance(spec, jax.sharding.PartitionSpec):
+                raise LoRAConfigError(f"specs[{name!r}] is {spec!r}, not a PartitionSpec")
+            sh._check_spec(name, len(var.shape), spec, mesh)
+            sh._check_divisible(name, var.shape, spec, mesh)
+            out[name] = jax.sharding.NamedSharding(mesh, spec)
     return out
 
 
