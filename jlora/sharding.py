@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -81,6 +82,8 @@ from jlora.mapping import LoRAMapping
 from jlora.models.llama import KVCache, LlamaConfig
 from jlora.targets import TargetModule
 from jlora.weights import DATA, MODEL, LoRABank, model_split_of
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from jlora.manager import AdapterManagerState
@@ -200,6 +203,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, specs: nnx.State | None = None) -
     whose dim its mesh axis does not divide.
     """
     check_mesh(mesh)
+    warn_if_fused_split(getattr(model, "config", None), mesh)
     specs = llama_param_specs(model) if specs is None else specs
     graphdef, state = nnx.split(model)
 
@@ -211,6 +215,25 @@ def shard_model(model: nnx.Module, mesh: Mesh, specs: nnx.State | None = None) -
 
     shardings = jax.tree_util.tree_map_with_path(sharding, state, specs)
     return nnx.merge(graphdef, jax.tree.map(place, state, shardings))
+
+
+def warn_if_fused_split(config, mesh) -> bool:
+    """Logs a warning, and returns True, when a model with fused projections (``fuse_qkv`` /
+    ``fuse_gate_up``) is split over a ``model`` axis of more than one device: the fused kernel's
+    ``[q | k | v]`` columns then cut across devices and XLA moves columns between them in every
+    layer (26 collective-permutes per forward on a (1, 8) mesh, measured: docs/multihost.md)."""
+    fused = [f for f in ("fuse_qkv", "fuse_gate_up") if getattr(config, f, False)]
+    if not fused or dict(mesh.shape).get(MODEL, 1) <= 1:
+        return False
+    logger.warning(
+        "%s split over model=%d devices: the fused columns cut across the slices and XLA moves "
+        "them between devices in every layer; for tensor parallelism build the model without %s "
+        "(docs/multihost.md)",
+        " and ".join(fused),
+        dict(mesh.shape)[MODEL],
+        " and ".join(fused),
+    )
+    return True
 
 
 def layer_styles(model: nnx.Module) -> dict[str, str]:

@@ -11,7 +11,9 @@ mesh.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -394,6 +396,34 @@ def test_llama_param_specs_are_megatron_style():
                 assert module.endswith("norm") or module == "model", name
                 want = P()
             assert spec == want, name
+
+
+def test_fused_projections_split_over_model_are_warned_about(caplog, monkeypatch):
+    fused = from_pretrained(FIXTURES / "tiny_llama", fuse_qkv=True).config
+    with caplog.at_level(logging.WARNING, logger="jlora.sharding"):
+        assert sh.warn_if_fused_split(fused, abstract_mesh(2, 4))
+        assert "fuse_qkv split over model=4 devices" in caplog.text
+        caplog.clear()
+        both = dataclasses.replace(fused, fuse_gate_up=True)
+        assert sh.warn_if_fused_split(both, abstract_mesh(1, 8))
+        assert "fuse_qkv and fuse_gate_up split over model=8" in caplog.text
+        caplog.clear()
+        # Data-parallel only, or nothing fused, or no config at all: nothing to say.
+        assert not sh.warn_if_fused_split(both, abstract_mesh(8, 1))
+        assert not sh.warn_if_fused_split(
+            dataclasses.replace(fused, fuse_qkv=False), abstract_mesh(2, 4)
+        )
+        assert not sh.warn_if_fused_split(None, abstract_mesh(2, 4))
+        assert not caplog.text
+    # Both ways of placing a model on a mesh ask.
+    seen = []
+    monkeypatch.setattr(
+        sh, "warn_if_fused_split", lambda config, mesh: seen.append(config.fuse_qkv)
+    )
+    mesh = sh.make_mesh(1, 1, devices=jax.devices()[:1])
+    sh.shard_model(from_pretrained(FIXTURES / "tiny_llama", fuse_qkv=True), mesh)
+    from_pretrained(FIXTURES / "tiny_llama", mesh=mesh)
+    assert seen == [True, False]
 
 
 def test_layer_styles_are_read_from_the_placed_kernels():

@@ -559,6 +559,10 @@ def from_pretrained(
             f"from_pretrained: mesh is a {type(mesh).__name__}; loading needs the devices, "
             "a jax.sharding.Mesh (jlora.sharding.make_mesh builds one)"
         )
+    if mesh is not None:
+        from jlora.sharding import warn_if_fused_split  # jlora.sharding imports this module
+
+        warn_if_fused_split(config, mesh)
     param_dtype = jnp.dtype(config.dtype)
     with _Checkpoint(path, files) as checkpoint:
         checkpoint.check(expected)
