@@ -45,6 +45,7 @@ from jlora.targets import TargetModule
 # suffix of a fused layer's path -> its output slices: (PEFT module suffix, out features), in
 # the order they are concatenated along the output dim.
 PackedModules = Mapping[str, Sequence[tuple[str, int]]]
+_Packing = Mapping[str, tuple[Sequence[tuple[str, int]], int]]  # leaf -> (slices, groups)
 TargetSpec = Sequence[str] | str | None
 
 
@@ -71,6 +72,7 @@ def apply(
     *,
     target_modules: TargetSpec = None,
     packed_modules: PackedModules | None = None,
+    packed_groups: Mapping[str, int] | None = None,
     sample_args: Sequence[Any] | None = None,
     sample_kwargs: Mapping[str, Any] | None = None,
     path_to_name: Callable[[tuple[str, ...]], str] | None = None,
@@ -85,6 +87,9 @@ def apply(
         (every Linear-like layer except ``lm_head``); None: every supported layer.
       packed_modules: ``{"qkv_proj": (("q_proj", 2048), ("k_proj", 512), ("v_proj", 512))}``;
         default: the model's ``packed_modules_mapping`` attribute, if any.
+      packed_groups: ``{"qkv_proj": 4}``: that packed layer's columns are in 4 groups of every
+        slice's next quarter (``jlora.targets.TargetModule.groups``, the tensor-parallel layout);
+        default: the model's ``packed_modules_groups`` attribute, if any, else 1.
       sample_args / sample_kwargs: Linen only: inputs for ``module.init`` (run abstractly with
         ``jax.eval_shape``, nothing is allocated) to find the layers and their dims.
       path_to_name: Linen only: module path -> dotted name; default joins with "." after turning
@@ -119,6 +124,17 @@ def apply(
             ) from None
     if packed_modules is None:
         packed_modules = getattr(model, "packed_modules_mapping", None) or {}
+    if packed_groups is None:
+        packed_groups = getattr(model, "packed_modules_groups", None) or {}
+    unknown = sorted(set(packed_groups) - set(packed_modules))
+    if unknown:
+        raise AdapterMismatchError(
+            f"packed_groups names {unknown}, which packed_modules does not declare "
+            f"({sorted(packed_modules)})"
+        )
+    packed_modules = {
+        leaf: (tuple(spec), packed_groups.get(leaf, 1)) for leaf, spec in packed_modules.items()
+    }
     if isinstance(model, nn.Module):
         if sample_args is None:
             raise TypeError("jlora.apply on a Linen module needs sample_args for module.init")
@@ -157,13 +173,13 @@ def linen_path_to_name(path: Sequence[str]) -> str:
 
 
 def _select(
-    layers: Sequence[_Layer], target_modules: TargetSpec, packed: PackedModules
+    layers: Sequence[_Layer], target_modules: TargetSpec, packed: _Packing
 ) -> list[TargetModule]:
     explicit = target_modules is not None
     all_linear = target_modules == "all-linear"
     targets, hits = [], {}
     for layer in layers:
-        slices = _slices(layer, packed)
+        slices, groups = _slices(layer, packed)
         names = (layer.name, *(n for n, _ in slices))
         if not explicit:
             matched = layer.unsupported is None
@@ -191,6 +207,7 @@ def _select(
                 out_dims=tuple(d for _, d in slices),
                 peft_names=tuple(n for n, _ in slices),
                 is_embedding=layer.kind == "embed",
+                groups=groups,
             )
         )
     available = [layer.name for layer in layers if layer.unsupported is None]
@@ -210,19 +227,19 @@ def _select(
     return targets
 
 
-def _slices(layer: _Layer, packed: PackedModules) -> list[tuple[str, int]]:
-    """``[(peft_name, out_dim), ...]`` for ``layer``: one slice, or the packed ones."""
+def _slices(layer: _Layer, packed: _Packing) -> tuple[list[tuple[str, int]], int]:
+    """``([(peft_name, out_dim), ...], groups)`` for ``layer``: one slice, or the packed ones."""
     prefix, _, leaf = layer.name.rpartition(".")
-    spec = packed.get(leaf)
+    spec, groups = packed.get(leaf, (None, 1))
     if spec is None or layer.unsupported is not None:
-        return [(layer.name, layer.out_dim)]
+        return [(layer.name, layer.out_dim)], 1
     slices = [(f"{prefix}.{n}" if prefix else n, int(d)) for n, d in spec]
     if layer.kind == "embed" or sum(d for _, d in slices) != layer.out_dim:
         raise AdapterMismatchError(
             f"packed layer {layer.name!r} has {layer.out_dim} output features but "
             f"packed_modules[{leaf!r}] = {list(spec)} add up to {sum(d for _, d in slices)}"
         )
-    return slices
+    return slices, groups
 
 
 def _abbrev(names: Sequence[str], n: int = 8) -> str:
@@ -331,7 +348,7 @@ def _nnx_layer(name: str, m: nnx.Module) -> _Layer | None:
     return _Layer(name, "linear", in_dim, out_dim, LayerView("einsum", einsum_str=m.einsum_str))
 
 
-def _apply_nnx(model: nnx.Module, target_modules: TargetSpec, packed: PackedModules):
+def _apply_nnx(model: nnx.Module, target_modules: TargetSpec, packed: _Packing):
     model = nnx.clone(model)
     found = []
     for path, m in nnx.iter_modules(model):

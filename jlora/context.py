@@ -319,7 +319,7 @@ def lora_forward(target: TargetModule, view: LayerView, x: jax.Array, y: jax.Arr
     if target.is_embedding:
         y2 = ops.add_lora_embedding(y2, x2, banks[0], ctx.mapping)
     else:
-        y2 = ops.add_lora(y2, x2, banks, ctx.mapping, impl=ctx.impl)
+        y2 = ops.add_lora(y2, x2, banks, ctx.mapping, impl=ctx.impl, groups=target.groups)
     return view.restore_out(y2, y)
 
 

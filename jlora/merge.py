@@ -10,6 +10,7 @@ from flax import nnx
 
 from jlora.apply import apply, find_targets
 from jlora.errors import AdapterMismatchError
+from jlora.targets import TargetModule
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 
@@ -84,26 +85,29 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
                 f"[in={target.in_dim}, out={target.out_dim}] matrix; merging supports Linear, "
                 "LinearGeneral and Embed layers"
             )
-        flat = value.reshape(target.in_dim, target.out_dim)
-        offset = target.slice_offsets[j]
-        delta = layer.delta_weight().astype(jnp.float32)
-        flat = flat.at[:, offset : offset + width].add(delta.astype(flat.dtype))
+        # [in, groups, out / groups]: the slice's columns are its 1/groups share in each group
+        g = target.groups
+        cols = slice(target.slice_offsets[j] // g, (target.slice_offsets[j] + width) // g)
+        grouped = value.reshape(target.in_dim, g, target.out_dim // g)
+        delta = layer.delta_weight().astype(jnp.float32).reshape(target.in_dim, g, width // g)
+        grouped = grouped.at[:, :, cols].add(delta.astype(grouped.dtype))
         if layer.bias is not None:  # PEFT's lora_bias: y += scaling * (x @ A @ B + bias)
-            _merge_bias(module, target.name, offset, width, layer.scaling * layer.bias)
-        param.set_value(flat.reshape(value.shape))
+            _merge_bias(module, target, cols, layer.scaling * layer.bias)
+        param.set_value(grouped.reshape(value.shape))
     return merged
 
 
-def _merge_bias(module, name: str, offset: int, width: int, delta) -> None:
+def _merge_bias(module, target: TargetModule, cols: slice, delta) -> None:
     bias = getattr(module, "bias", None)
     if bias is None or bias.get_value() is None:
         raise AdapterMismatchError(
-            f"layer {name!r} has no bias to merge the adapter's LoRA bias into; build the layer "
-            "with use_bias=True"
+            f"layer {target.name!r} has no bias to merge the adapter's LoRA bias into; build the "
+            "layer with use_bias=True"
         )
-    value = bias.get_value()
-    flat = value.reshape(-1).at[offset : offset + width].add(jnp.asarray(delta, value.dtype))
-    bias.set_value(flat.reshape(value.shape))
+    value, g = bias.get_value(), target.groups
+    grouped = value.reshape(g, -1)
+    grouped = grouped.at[:, cols].add(jnp.asarray(delta, value.dtype).reshape(g, -1))
+    bias.set_value(grouped.reshape(value.shape))
 
 
 def _why_unserved(model: nnx.Module, names: list[str]) -> str:

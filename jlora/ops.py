@@ -64,6 +64,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels as pk
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
 from jlora.mapping import LoRAMapping
+from jlora.targets import join_packed, split_packed
 from jlora.weights import DATA, MODEL, MODEL_SPLITS, LoRABank
 
 # Full float32 products, as in the kernels: a GPU's default would take TF32 for float32 operands.
@@ -174,6 +175,7 @@ def add_lora(
     *,
     impl: str = "auto",
     config: OpsConfig | None = None,
+    groups: int = 1,
 ) -> jax.Array:
     """`y` plus each slice's LoRA: `y[:, cols_i] += scale_i[slot] * (x @ A_i[slot]) @ B_i[slot]`.
 
@@ -186,6 +188,10 @@ def add_lora(
         last tokens, e.g. an LM head), for which the slot order is derived on device.
       impl: `"auto"` (Pallas on GPU, XLA elsewhere), `"pallas"` or `"xla"`.
       config: tunables; `OpsConfig()` when None.
+      groups: the packed columns' layout, `jlora.targets.TargetModule.groups`: the slices one
+        after the other (1), or in `groups` groups of every slice's next `1 / groups`. When the
+        columns are split over a `model` axis whose size divides `groups`, each device serves
+        its own whole groups (no column moves between devices).
 
     Returns:
       `[T, out]` in `y`'s dtype, computed with float32 accumulation; rows on slot 0 unchanged.
@@ -204,6 +210,11 @@ def add_lora(
     # jnp arrays: host (numpy) operands of an eager call would meet traced indices in the loops.
     y, x, banks = jnp.asarray(y), jnp.asarray(x), jax.tree.map(jnp.asarray, banks)
     _check_linear_args(y, x, banks)
+    widths = [bank.output_dim for bank in banks]
+    if not (isinstance(groups, int) and groups >= 1) or any(w % groups for w in widths):
+        raise LoRAConfigError(
+            f"add_lora: groups={groups!r} must be an int >= 1 dividing every slice width {widths}"
+        )
     token_slots, sorted_ids, counts, starts = _segments_for_rows(mapping, y.shape[0])
     if y.shape[0] == 0:
         return y
@@ -222,15 +233,29 @@ def add_lora(
 
     mesh = _mesh_of(y, banks[0].a)
     split = _model_split(mesh, banks)
-    if split is not None:
-        parts = _Parts(impl, mapping.is_prefill, config)
+    parts = _Parts(impl, mapping.is_prefill, config)
+    if split is not None and "out" in split and groups % mesh.shape[MODEL] == 0:
+        local_groups = groups // mesh.shape[MODEL]  # each device's block: whole groups
         return _per_model_shard(
-            run, parts, mesh, split, y, x, banks, token_slots, mapping.num_slots
+            run, parts, mesh, split, y, x, banks, token_slots, mapping.num_slots, local_groups
         )
-    data_mesh = _data_mesh(mesh, y)
-    if data_mesh is None:
-        return run(y, x, banks, token_slots, sorted_ids, counts, starts)
-    return _per_data_shard(run, data_mesh, y, x, banks, token_slots, mapping.num_slots)
+    y = _ungroup(y, widths, groups)
+    if split is not None:
+        y = _per_model_shard(run, parts, mesh, split, y, x, banks, token_slots, mapping.num_slots)
+    elif (data_mesh := _data_mesh(mesh, y)) is None:
+        y = run(y, x, banks, token_slots, sorted_ids, counts, starts)
+    else:
+        y = _per_data_shard(run, data_mesh, y, x, banks, token_slots, mapping.num_slots)
+    return _regroup(y, widths, groups)
+
+
+def _ungroup(y: jax.Array, widths: Sequence[int], groups: int) -> jax.Array:
+    """A grouped packed output (`jlora.targets.split_packed`), its slices one after another."""
+    return y if groups == 1 else jnp.concatenate(split_packed(y, widths, groups), axis=-1)
+
+
+def _regroup(y: jax.Array, widths: Sequence[int], groups: int) -> jax.Array:
+    return y if groups == 1 else join_packed(_split(y, widths), groups)
 
 
 def add_lora_embedding(
@@ -450,7 +475,9 @@ class _Parts:
         return _xla_blocks(y, h, None, tuple(zip(b, scale, strict=True)), token_slots, *segs, cfg)
 
 
-def _per_model_shard(run, parts, mesh, split, y, x, banks, token_slots, num_slots: int):
+def _per_model_shard(
+    run, parts, mesh, split, y, x, banks, token_slots, num_slots: int, local_groups=None
+):
     """The op on each device's shard of a tensor-parallel layer, its collective explicit, once.
 
     XLA's partitioner alone puts the LoRA collective inside the XLA path's block loop (one per
@@ -465,14 +492,16 @@ def _per_model_shard(run, parts, mesh, split, y, x, banks, token_slots, num_slot
       `h [T, R]`, then every device adds the whole delta into y (replicated, as the base output).
     - `("in", "out")`: the all-reduce, then each device adds into its columns of y.
 
-    A packed projection's slices are split apart first, so that each device holds its share
-    of every slice's columns (the base layer splits their concatenation instead).
+    A packed projection's slices one after the other are split apart first, so that each device
+    holds its share of every slice's columns (the base layer splits their concatenation
+    instead). Grouped columns (`local_groups` whole groups on each device) need no such split:
+    each device ungroups its own block.
     """
     data = _data_rows(mesh, y)
     rows = DATA if data else None
     split_in, split_rank, split_out = ("in" in split), ("rank" in split), ("out" in split)
     widths = [bank.output_dim for bank in banks]
-    ys = tuple(_split(y, widths)) if split_out else (y,)
+    ys = tuple(_split(y, widths)) if split_out and local_groups is None else (y,)
     y_spec = P(rows, MODEL if split_out else None)
     # (a, b, scale) triples, not LoRABanks: a rank-split shard's A and B disagree on the rank.
     weight_spec = (
@@ -483,7 +512,8 @@ def _per_model_shard(run, parts, mesh, split, y, x, banks, token_slots, num_slot
 
     def local(ys, x, weights, token_slots):  # on one device: its shards of every operand
         segs = _slot_segments(token_slots, num_slots)
-        y = _concat(ys)
+        local_widths = [b.shape[2] for _, b, _ in weights]
+        y = _ungroup(_concat(ys), local_widths, local_groups or 1)
         if split == ("out",):
             banks = tuple(LoRABank(a=a, b=b, scale=scale) for a, b, scale in weights)
             y = run(y, x, banks, token_slots, *segs)
@@ -497,6 +527,7 @@ def _per_model_shard(run, parts, mesh, split, y, x, banks, token_slots, num_slot
                 gathered = lax.all_gather(h, MODEL, axis=1)
                 hs = [g.reshape(g.shape[0], -1) for g in _split(gathered, ranks, axis=2)]
             y = parts.expand(y, tuple(hs), b, scale, token_slots, segs)
+        y = _regroup(y, local_widths, local_groups or 1)
         return tuple(_split(y, [part.shape[1] for part in ys]))
 
     axes = frozenset({MODEL, DATA} if data else {MODEL})

@@ -219,18 +219,23 @@ def shard_model(model: nnx.Module, mesh: Mesh, specs: nnx.State | None = None) -
 
 def warn_if_fused_split(config, mesh) -> bool:
     """Logs a warning, and returns True, when a model with fused projections (``fuse_qkv`` /
-    ``fuse_gate_up``) is split over a ``model`` axis of more than one device: the fused kernel's
-    ``[q | k | v]`` columns then cut across devices and XLA moves columns between them in every
-    layer (26 collective-permutes per forward on a (1, 8) mesh, measured: docs/multihost.md)."""
+    ``fuse_gate_up``) is split over a ``model`` axis of more than one device that does not
+    divide its ``fused_groups``: the fused kernel's columns then cut across the slices on the
+    devices and XLA moves columns between them in every layer (26 collective-permutes per
+    forward on a (1, 8) mesh with ``[q | k | v]`` columns, measured: docs/multihost.md)."""
     fused = [f for f in ("fuse_qkv", "fuse_gate_up") if getattr(config, f, False)]
-    if not fused or dict(mesh.shape).get(MODEL, 1) <= 1:
+    model = dict(mesh.shape).get(MODEL, 1)
+    groups = getattr(config, "fused_groups", 1)
+    if not fused or model <= 1 or groups % model == 0:
         return False
     logger.warning(
-        "%s split over model=%d devices: the fused columns cut across the slices and XLA moves "
-        "them between devices in every layer; for tensor parallelism build the model without %s "
-        "(docs/multihost.md)",
+        "%s with fused_groups=%d split over model=%d devices: the fused columns cut across the "
+        "slices and XLA moves them between devices in every layer; build the model with "
+        "fused_groups=%d (from_pretrained(..., mesh=mesh) does) or without %s (docs/multihost.md)",
         " and ".join(fused),
-        dict(mesh.shape)[MODEL],
+        groups,
+        model,
+        model,
         " and ".join(fused),
     )
     return True

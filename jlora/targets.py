@@ -1,15 +1,24 @@
 """TargetModule: the contract between a model (what ``jlora.apply`` finds in it) and the adapter
-manager (what slot banks it allocates). Imports jlora.errors only.
+manager (what slot banks it allocates). Imports jax and jlora.errors only.
 
 A model layer that LoRA can wrap is described by its path in the JAX model, its input dim, and
 one output slice per PEFT module it serves. A plain ``q_proj`` Linear has one slice; a fused
 ``qkv_proj`` Linear has three, served by PEFT's separate ``q_proj``, ``k_proj`` and ``v_proj``
 adapters. The manager keeps one ``LoRABank`` per slice, keyed by ``TargetModule.name``.
+
+A packed layer's columns are the slices one after the other (``[q | k | v]``), or, with
+``groups = g``, ``g`` groups of every slice's next ``1/g`` (``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``):
+split over ``g`` devices (or a divisor of ``g``), each device then holds whole groups, its own
+share of every slice, so neither the layer nor its LoRA moves columns between devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
 
 from jlora.errors import AdapterMismatchError
 
@@ -25,6 +34,8 @@ class TargetModule:
     ...                              "model.layers.0.self_attn.v_proj"))
     >>> t.out_dim, t.is_packed
     (128, True)
+
+    ``groups``: the packed columns' layout (module docstring); every slice's width divides by it.
     """
 
     name: str
@@ -32,6 +43,7 @@ class TargetModule:
     out_dims: tuple[int, ...]
     peft_names: tuple[str, ...]
     is_embedding: bool = False
+    groups: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "out_dims", tuple(int(d) for d in self.out_dims))
@@ -43,6 +55,13 @@ class TargetModule:
             )
         if self.is_embedding and len(self.out_dims) != 1:
             raise AdapterMismatchError(f"embedding target {self.name!r} cannot be packed")
+        if not (isinstance(self.groups, int) and self.groups >= 1) or any(
+            d % self.groups for d in self.out_dims
+        ):
+            raise AdapterMismatchError(
+                f"target {self.name!r}: groups={self.groups!r} must be an int >= 1 dividing "
+                f"every slice width {self.out_dims}"
+            )
 
     @property
     def out_dim(self) -> int:
@@ -59,3 +78,29 @@ class TargetModule:
             offsets.append(start)
             start += d
         return tuple(offsets)
+
+
+def split_packed(y: jax.Array, widths: Sequence[int], groups: int = 1) -> list[jax.Array]:
+    """A packed output's slices (last axis): ``widths`` wide, laid out in ``groups`` groups.
+
+    >>> y = jnp.arange(6)  # [q0 k0 | q1 k1 | q2 k2] with q and k 3 wide, 3 groups
+    >>> [s.tolist() for s in split_packed(y, (3, 3), groups=3)]
+    [[0, 2, 4], [1, 3, 5]]
+    """
+    cuts = [sum(widths[:i]) // groups for i in range(1, len(widths))]
+    if groups == 1:
+        return jnp.split(y, cuts, axis=-1)
+    lead = y.shape[:-1]
+    parts = jnp.split(y.reshape(*lead, groups, y.shape[-1] // groups), cuts, axis=-1)
+    return [p.reshape(*lead, -1) for p in parts]
+
+
+def join_packed(parts: Sequence[jax.Array], groups: int = 1) -> jax.Array:
+    """The inverse of ``split_packed``: slices (last axis) into one packed output."""
+    if len(parts) == 1:
+        return parts[0]
+    if groups == 1:
+        return jnp.concatenate(parts, axis=-1)
+    lead = parts[0].shape[:-1]
+    grouped = [p.reshape(*lead, groups, p.shape[-1] // groups) for p in parts]
+    return jnp.concatenate(grouped, axis=-1).reshape(*lead, -1)

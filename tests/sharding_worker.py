@@ -493,6 +493,9 @@ def sharded_loading(meshes, bf16_files: bool) -> dict:
                 param_of = {s.names: n for n, s in llama._param_sources(loaded.config).items()}
                 got_reads = {param_of[names]: list(sizes) for names, sizes in reads.items()}
                 got = nnx.state(loaded, nnx.Param)
+                # Fused: loaded in `model` column groups (whole groups per device) by default.
+                assert loaded.config.fused_groups == (model if kw.get("fuse_qkv") else 1)
+                kw = dict(kw, fused_groups=loaded.config.fused_groups) if kw.get("fuse_qkv") else kw
                 want = nnx.state(sh.shard_model(from_pretrained(path, **kw), mesh), nnx.Param)
                 params = {}
                 for (key_path, g), (_, w) in zip(
@@ -540,24 +543,32 @@ def main(argv: list[str]) -> None:
     if jax.device_count() < max(d * m for d, m in meshes):
         raise SystemExit(f"need {max(d * m for d, m in meshes)} devices, have {jax.devices()}")
     base = from_pretrained(FIXTURES / "tiny_llama")
-    fused = from_pretrained(FIXTURES / "tiny_llama", fuse_qkv=True, fuse_gate_up=True)
+    fused = {  # fused q/k/v and gate/up, columns in g groups (1: [q | k | v])
+        g: from_pretrained(
+            FIXTURES / "tiny_llama", fuse_qkv=True, fuse_gate_up=True, fused_groups=g
+        )
+        for g in (1, 2, 4)
+    }
     adapters = [
         load_adapter(FIXTURES / "adapters" / n, adapter_id=i + 1) for i, n in enumerate(ADAPTERS)
     ]
-    # (data, model, fully sharded, fused q/k/v and gate/up, decode step): every mesh with plain
-    # and fully sharded LoRA; the decode step on the 2-D mesh and the data-parallel one, the
-    # packed projections on the 2-D mesh only, to keep the compile count (the run time) down.
+    # (data, model, fully sharded, fused q/k/v and gate/up in g column groups (0: unfused),
+    # decode step): every mesh with plain and fully sharded LoRA; the decode step on the 2-D
+    # mesh and the data-parallel one, the packed projections on a few meshes only, to keep the
+    # compile count (the run time) down.
     cases = [
-        (d, m, fully, False, (d, m) == (2, 4) or (d, m, fully) == (8, 1, False))
+        (d, m, fully, 0, (d, m) == (2, 4) or (d, m, fully) == (8, 1, False))
         for d, m in meshes
         for fully in (False, True)
     ]
     if distributed:  # the layout with every kind of split; the one-process runs cover the rest
-        cases = [(d, m, True, False, True) for d, m in meshes]
+        cases = [(d, m, True, 0, True) for d, m in meshes]
     elif (2, 4) in meshes:
-        cases.append((2, 4, True, True, False))
+        cases.append((2, 4, True, 4, False))
         # A model axis that divides the KV heads (2): no resharding around the attention.
-        cases.append((4, 2, False, False, True))
+        cases.append((4, 2, False, 0, True))
+        cases.append((4, 2, False, 2, True))  # fused, whole groups per device
+        cases.append((2, 4, False, 1, False))  # fused [q | k | v] split over model: still right
     timings = {}
     t = time.perf_counter()
     single = run_case(base, adapters, None, fully=False, decode=True)  # this process's device 0
@@ -570,11 +581,13 @@ def main(argv: list[str]) -> None:
         "single_banks": single["banks"],
         "cases": [],
     }
-    for data, model, fully, fuse, decode in cases:
+    for data, model, fully, groups, decode in cases:
+        fuse = bool(groups)
         name = f"{data}x{model}{'-fully' if fully else ''}{'-fused' if fuse else ''}"
+        name += f"-g{groups}" if fuse and groups != model else ""
         t = time.perf_counter()
         mesh = sh.make_mesh(data, model)
-        case = run_case(fused if fuse else base, adapters, mesh, fully=fully, decode=decode)
+        case = run_case(fused[groups] if fuse else base, adapters, mesh, fully=fully, decode=decode)
         timings[name] = time.perf_counter() - t
         case.update(
             name=name,

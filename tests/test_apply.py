@@ -448,6 +448,57 @@ def test_packed_modules_serve_separate_peft_modules(rng):
         apply(model, packed_modules={"qkv_proj": (("q_proj", 6), ("k_proj", 4), ("v_proj", 3))})
 
 
+def test_grouped_packed_columns_are_served_and_merged_in_their_groups(rng):
+    """With ``packed_groups`` the fused columns are ``[q_0 k_0 v_0 | q_1 k_1 v_1]`` (the
+    tensor-parallel layout): each slice's LoRA lands in its share of every group, both served
+    and merged, as a column permutation of the plain layout (built here by index, not by
+    jlora's reshapes); a group count that does not divide the slices is refused."""
+
+    packed = {"qkv_proj": (("q_proj", 6), ("k_proj", 4), ("v_proj", 4))}
+
+    class Fused(nnx.Module):
+        packed_modules_mapping = packed
+        packed_modules_groups = {"qkv_proj": 2}
+
+        def __init__(self, rngs):
+            self.qkv_proj = nnx.Linear(8, 6 + 4 + 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.qkv_proj(x)
+
+    model = Fused(nnx.Rngs(0))
+    wrapped = apply(model)
+    assert find_targets(apply(model, packed_groups={}))[0].groups == 1
+    (target,) = find_targets(wrapped)
+    assert target.groups == 2 and target.out_dims == (6, 4, 4)
+    adapter = random_adapter(rng, [target], 1, skip=("k_proj",))
+    state, mapping = serve(manager_with([target], [adapter]), [1, None], seq_len=3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    y = nnx_forward(wrapped)(x, state.banks, mapping)
+    plain = np.concatenate(
+        [delta(adapter, "q_proj"), np.zeros((8, 4)), delta(adapter, "v_proj")], 1
+    )
+    # grouped column c of group j, slice i  <-  plain column offset_i + j * width_i / 2 + c
+    order = [o + j * w // 2 + c for j in range(2) for o, w in ((0, 6), (6, 4), (10, 4))
+             for c in range(w // 2)]  # fmt: skip
+    assert sorted(order) == list(range(14)) and order[:7] == [0, 1, 2, 6, 7, 10, 11]
+    expected = x[0] @ (model.qkv_proj.kernel[...] + plain[:, order]) + model.qkv_proj.bias[...]
+    assert_close(y[0], expected)
+    np.testing.assert_array_equal(y[1], model(x[1]))
+    k_cols = [i for i, c in enumerate(order) if 6 <= c < 10]
+    np.testing.assert_array_equal(y[0][:, k_cols], model(x[0])[:, k_cols])  # k untouched
+    assert_close(merge_adapter(model, adapter)(x[0]), expected)
+
+    with pytest.raises(AdapterMismatchError, match=r"groups=4 must be an int >= 1 dividing"):
+        apply(model, packed_modules=packed, packed_groups={"qkv_proj": 4})
+    with pytest.raises(AdapterMismatchError, match=r"packed_groups names \['qkv'\]"):
+        apply(model, packed_modules=packed, packed_groups={"qkv": 2})
+    with pytest.raises(LoRAConfigError, match=r"add_lora: groups=3 must be"):
+        from jlora.ops import add_lora
+
+        add_lora(y[0], x[0], state.banks[target.name], mapping, groups=3)
+
+
 def test_merge_folds_a_packed_adapter_like_serving_it(rng):
     """A PackedLoRALayerWeights keyed by the fused layer (as the manager serves it and
     restore_adapter returns it) merges each slice into its own columns."""

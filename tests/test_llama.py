@@ -76,11 +76,12 @@ def adapters():
     return [load_adapter(ADAPTERS_DIR / n, adapter_id=i + 1) for i, n in enumerate(ADAPTERS)]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["separate", "fused"])
+@pytest.fixture(scope="module", params=[0, 1, 4], ids=["separate", "fused", "grouped"])
 def served(request, adapters):
-    """(base model, wrapped model, manager state with all seven adapters active)."""
-    fuse = request.param
-    base = from_pretrained(BASE, fuse_qkv=fuse, fuse_gate_up=fuse)
+    """(base model, wrapped model, manager state with all seven adapters active); fused q/k/v
+    and gate/up with their columns one slice after the other, or in 4 groups."""
+    fuse = request.param > 0
+    base = from_pretrained(BASE, fuse_qkv=fuse, fuse_gate_up=fuse, fused_groups=request.param or 1)
     wrapped = apply(base)
     config = LoRAConfig(max_loras=len(adapters), max_lora_rank=16)
     state = mgr.init_state(config, find_targets(wrapped))
@@ -100,10 +101,12 @@ def slots_for(state, names):
 
 
 @pytest.mark.parametrize(
-    "path, fuse", [(BASE, False), (SHARDED, False), (SHARDED, True)], ids=["one", "shards", "fused"]
+    "path, fuse, groups",
+    [(BASE, False, 1), (SHARDED, False, 1), (SHARDED, True, 1), (SHARDED, True, 8)],
+    ids=["one", "shards", "fused", "grouped"],
 )
-def test_base_logits_match_transformers(path, fuse):
-    model = from_pretrained(path, fuse_qkv=fuse, fuse_gate_up=fuse)
+def test_base_logits_match_transformers(path, fuse, groups):
+    model = from_pretrained(path, fuse_qkv=fuse, fuse_gate_up=fuse, fused_groups=groups)
     logits = forward_fn(model)(jnp.asarray(MIXED["input_ids"]))
     within(logits, MIXED["base_logits"], 1e-5)
 
@@ -150,7 +153,9 @@ def test_fused_targets_have_peft_slices(served):
     qkv = targets["model.layers.0.self_attn.qkv_proj"]
     assert qkv.peft_names == tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
     assert qkv.out_dims == (64, 32, 32) and qkv.in_dim == 64
+    assert qkv.groups == base.config.fused_groups
     gate_up = targets["model.layers.1.mlp.gate_up_proj"]
+    assert gate_up.groups == base.config.fused_groups
     assert gate_up.peft_names == ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")
     assert len(targets) == 2 + 2 * 4
 
@@ -286,6 +291,12 @@ def test_unsupported_config_raises():
         LlamaConfig.from_hf(hf | {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}})
     with pytest.raises(CheckpointError, match="hidden_act 'gelu'"):
         LlamaConfig.from_hf(hf | {"hidden_act": "gelu"})
+    with pytest.raises(CheckpointError, match="fused_groups=3 does not divide q_dim=64"):
+        LlamaConfig.from_hf(hf, fuse_qkv=True, fused_groups=3)
+    with pytest.raises(CheckpointError, match="fused_groups=32 does not divide inter"):
+        LlamaConfig.from_hf(hf, fuse_gate_up=True, fused_groups=32)
+    with pytest.raises(CheckpointError, match="fused_groups=2 needs fuse_qkv or fuse_gate_up"):
+        LlamaConfig.from_hf(hf, fused_groups=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,14 +392,25 @@ def test_integer_tensor_is_named_before_any_read(tmp_path, monkeypatch):
         from_pretrained(path)
 
 
-def test_blocks_read_across_fused_sources_match_the_whole_parameter():
-    """A shard of a fused projection may straddle q|k|v (or gate|up): each block read from the
-    checkpoint equals the same block of the fully loaded parameter, wherever it starts."""
-    fused = from_pretrained(BASE, fuse_qkv=True, fuse_gate_up=True)
+@pytest.mark.parametrize("groups", [1, 8])
+def test_blocks_read_across_fused_sources_match_the_whole_parameter(groups):
+    """A shard of a fused projection may straddle q|k|v (or gate|up), or several column groups:
+    each block read from the checkpoint equals the same block of the fully loaded parameter,
+    wherever it starts; in 8 groups, group j holds the j-th eighth of q, k and v (checked by
+    index against the separate projections)."""
+    fused = from_pretrained(BASE, fuse_qkv=True, fuse_gate_up=True, fused_groups=groups)
     sources = llama._param_sources(fused.config)
     params = {
         ".".join(map(str, p)): v for p, v in nnx.iter_graph(fused) if isinstance(v, nnx.Param)
     }
+    if groups > 1:
+        attn = from_pretrained(BASE).model.layers[1].self_attn
+        q, k, v = (np.asarray(m.kernel[...]) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        blocks = [(q[:, 8 * j : 8 * j + 8], k[:, 4 * j : 4 * j + 4], v[:, 4 * j : 4 * j + 4])
+                  for j in range(8)]  # fmt: skip
+        want = np.concatenate([b for group in blocks for b in group], axis=1)
+        got = params["model.layers.1.self_attn.qkv_proj.kernel"][...]
+        np.testing.assert_array_equal(got, want)
     with llama._Checkpoint(str(BASE), llama._tensor_files(str(BASE))) as checkpoint:
         for name, bounds in [
             ("model.layers.1.self_attn.qkv_proj.kernel", ((3, 41), (60, 100))),  # q|k|v

@@ -41,6 +41,7 @@ from jlora.weights import LoRALayerWeights, LoRAModel, model_split_of
 
 WORKER = pathlib.Path(__file__).parent / "sharding_worker.py"
 CASES = ["1x8", "1x8-fully", "2x4", "2x4-fully", "8x1", "8x1-fully", "2x4-fully-fused", "4x2"]
+CASES += ["4x2-fused", "2x4-fused-g1"]  # fused columns in 2 groups; [q | k | v] on 4 devices
 PHASES = ["init", "prepare_batch", "deactivate", "evict", "decode_batch"]
 # Logits of the sharded runs against the single-device run: max |diff| / max |logits|.
 REL_TOL = 1e-5
@@ -145,7 +146,7 @@ def test_sharded_logits_match_single_device(report, name):
     also a decode step after adapter churn."""
     c = case(report, name)
     assert c["prefill_rel_err"] <= REL_TOL
-    if (c["mesh"] == [2, 4] and not c["fused"]) or name in ("8x1", "4x2"):
+    if (c["mesh"] == [2, 4] and not c["fused"]) or name in ("8x1", "4x2", "4x2-fused"):
         assert c["decode_rel_err"] <= REL_TOL
 
 
@@ -234,12 +235,13 @@ def test_tensor_parallel_lora_collectives_run_once_per_layer(report, name):
     once per block: 4 per forward for (2, 4), 26 fully sharded). On the (4, 2) mesh, whose
     model axis divides the KV heads, nothing is resharded either: the step's collectives are
     the base model's (one all-reduce per row-parallel layer, the LoRA's riding with it, and
-    the logits' gather)."""
+    the logits' gather), with fused q/k/v and gate/up too when their columns are in groups
+    (each device holds whole groups: no column moves between devices)."""
     c = case(report, name)
     for step in ("prefill", "decode"):
         if f"{step}_collectives" in c:
             assert c[f"{step}_collectives"]["in_loops"] == 0, step
-            if name == "4x2":
+            if name in ("4x2", "4x2-fused"):
                 assert nonzero(c[f"{step}_collectives"]) == {"all-gather": 1, "all-reduce": 5}
 
 
@@ -402,12 +404,22 @@ def test_fused_projections_split_over_model_are_warned_about(caplog, monkeypatch
     fused = from_pretrained(FIXTURES / "tiny_llama", fuse_qkv=True).config
     with caplog.at_level(logging.WARNING, logger="jlora.sharding"):
         assert sh.warn_if_fused_split(fused, abstract_mesh(2, 4))
-        assert "fuse_qkv split over model=4 devices" in caplog.text
+        assert "fuse_qkv with fused_groups=1 split over model=4 devices" in caplog.text
         caplog.clear()
         both = dataclasses.replace(fused, fuse_gate_up=True)
         assert sh.warn_if_fused_split(both, abstract_mesh(1, 8))
-        assert "fuse_qkv and fuse_gate_up split over model=8" in caplog.text
+        assert "fuse_qkv and fuse_gate_up with fused_groups=1 split over model=8" in caplog.text
         caplog.clear()
+        # Column groups that the model axis does not divide still cut across slices.
+        assert sh.warn_if_fused_split(
+            dataclasses.replace(both, fused_groups=4), abstract_mesh(1, 8)
+        )
+        assert "fused_groups=4 split over model=8" in caplog.text
+        caplog.clear()
+        # Whole groups per device: nothing moves, nothing to say.
+        for groups, mesh in ((4, (2, 4)), (8, (2, 4)), (8, (1, 8)), (2, (4, 2))):
+            grouped = dataclasses.replace(both, fused_groups=groups)
+            assert not sh.warn_if_fused_split(grouped, abstract_mesh(*mesh)), (groups, mesh)
         # Data-parallel only, or nothing fused, or no config at all: nothing to say.
         assert not sh.warn_if_fused_split(both, abstract_mesh(8, 1))
         assert not sh.warn_if_fused_split(

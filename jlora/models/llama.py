@@ -45,6 +45,8 @@ from safetensors import SafetensorError, safe_open
 
 from jlora.config import is_int
 from jlora.errors import CheckpointError, LoRAConfigError
+from jlora.targets import split_packed
+from jlora.weights import MODEL
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -59,7 +61,11 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 class LlamaConfig:
     """Llama hyper-parameters (HF names) plus jlora's layout options.
 
-    ``fuse_qkv`` / ``fuse_gate_up`` build one Linear for q/k/v and for gate/up. ``dtype`` is the
+    ``fuse_qkv`` / ``fuse_gate_up`` build one Linear for q/k/v and for gate/up, its columns the
+    slices one after the other (``fused_groups = 1``) or, for a ``model`` axis of ``fused_groups``
+    devices (or a divisor of it), in ``fused_groups`` groups of every slice's next share
+    (``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``, ``jlora.targets.split_packed``), so that each device
+    holds whole groups and no column moves between devices. ``dtype`` is the
     parameter and compute dtype. ``rope_type`` is ``"default"``, ``"linear"`` or ``"llama3"``.
     """
 
@@ -83,6 +89,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     fuse_qkv: bool = False
     fuse_gate_up: bool = False
+    fused_groups: int = 1
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -105,6 +112,19 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.fused_groups != 1:
+            g = self.fused_groups
+            widths = {"q_dim": self.q_dim, "kv_dim": self.kv_dim} if self.fuse_qkv else {}
+            if self.fuse_gate_up:
+                widths["intermediate_size"] = self.intermediate_size
+            if not (is_int(g) and g >= 1):
+                problems.append(f"fused_groups must be an int >= 1, got {g!r}")
+            elif not widths:
+                problems.append(f"fused_groups={g} needs fuse_qkv or fuse_gate_up")
+            else:
+                problems += [
+                    f"fused_groups={g} does not divide {k}={w}" for k, w in widths.items() if w % g
+                ]
         if self.rope_type not in ("default", "linear", "llama3"):
             problems.append(f"rope_type {self.rope_type!r} is not supported")
         try:
@@ -328,7 +348,8 @@ class LlamaAttention(nnx.Module):
         c = self.config
         b, seq, _ = x.shape
         if c.fuse_qkv:
-            q, k, v = jnp.split(self.qkv_proj(x), [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+            widths = (c.q_dim, c.kv_dim, c.kv_dim)
+            q, k, v = split_packed(self.qkv_proj(x), widths, c.fused_groups)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = _apply_rope(q.reshape(b, seq, c.num_attention_heads, c.head_dim), cos, sin)
@@ -357,8 +378,10 @@ class LlamaMLP(nnx.Module):
         self.down_proj = _linear(c, i, h, bias, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.config.fuse_gate_up:
-            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        c = self.config
+        if c.fuse_gate_up:
+            widths = (c.intermediate_size, c.intermediate_size)
+            gate, up = split_packed(self.gate_up_proj(x), widths, c.fused_groups)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(jax.nn.silu(gate) * up)
@@ -448,6 +471,11 @@ class LlamaForCausalLM(nnx.Module):
             )
         return packed
 
+    @property
+    def packed_modules_groups(self) -> dict[str, int]:
+        """Fused layer suffix -> its column groups (``fused_groups``), for jlora.apply."""
+        return {name: self.config.fused_groups for name in self.packed_modules_mapping}
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -495,6 +523,7 @@ def from_pretrained(
     dtype: str | jnp.dtype | None = None,
     fuse_qkv: bool = False,
     fuse_gate_up: bool = False,
+    fused_groups: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     specs: nnx.State | None = None,
 ) -> LlamaForCausalLM:
@@ -505,12 +534,16 @@ def from_pretrained(
       dtype: parameter/compute dtype; default: the checkpoint's ``dtype``/``torch_dtype``, else
         float32.
       fuse_qkv / fuse_gate_up: build fused projections (HF's separate weights are concatenated).
+      fused_groups: the fused columns' layout (``LlamaConfig.fused_groups``); default: the
+        ``model`` axis size of ``mesh`` when a projection is fused (each device then holds whole
+        groups, the tensor-parallel layout), else 1.
       mesh: load tensor-parallel onto this ``("data", "model")`` mesh: each parameter is created
         with its sharding (``specs``, default ``jlora.sharding.llama_param_specs``) and each
         device's block is read from the files on its own (once for all replicas of it): no
         device holds a whole split weight, and a process reads only its own devices' blocks,
         holding at most one parameter's of them in host memory at a time, never the model. The
-        result equals ``jlora.sharding.shard_model(from_pretrained(path), mesh)``.
+        result equals ``jlora.sharding.shard_model(from_pretrained(path, fused_groups=...),
+        mesh)`` with the same ``fused_groups``.
       specs: ``PartitionSpec`` per parameter (the structure of ``nnx.state(model)``); with
         ``mesh`` only.
 
@@ -532,7 +565,12 @@ def from_pretrained(
             hf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_file}: unreadable ({e})") from None
-    overrides: dict[str, Any] = dict(fuse_qkv=fuse_qkv, fuse_gate_up=fuse_gate_up)
+    if fused_groups is None:
+        model_axis = dict(getattr(mesh, "shape", {})).get(MODEL, 1)
+        fused_groups = model_axis if fuse_qkv or fuse_gate_up else 1
+    overrides: dict[str, Any] = dict(
+        fuse_qkv=fuse_qkv, fuse_gate_up=fuse_gate_up, fused_groups=fused_groups
+    )
     if dtype is not None:
         overrides["dtype"] = jnp.dtype(dtype).name
     try:
@@ -588,11 +626,22 @@ def from_pretrained(
 class _Source:
     """Where one parameter is in the checkpoint: HF tensors ``names`` (``widths`` wide)
     concatenated on the parameter's last dim, each transposed first when ``transpose`` (a Linear
-    weight ``[out, in]`` becomes a kernel ``[in, out]``; fused projections concatenate on out)."""
+    weight ``[out, in]`` becomes a kernel ``[in, out]``; fused projections concatenate on out),
+    in ``groups`` groups of each tensor's next ``1 / groups`` (``LlamaConfig.fused_groups``)."""
 
     names: tuple[str, ...]
     widths: tuple[int, ...]
     transpose: bool
+    groups: int = 1
+
+    def segments(self):
+        """``(name, tensor_start, width)`` of each run of the parameter's last dim, in order."""
+        g = self.groups
+        return [
+            (name, j * (width // g), width // g)
+            for j in range(g)
+            for name, width in zip(self.names, self.widths, strict=True)
+        ]
 
 
 def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -672,10 +721,11 @@ class _Checkpoint:
         """The block ``bounds`` of the parameter ``source`` describes."""
         *lead, (lo, hi) = bounds
         pieces, offset = [], 0
-        for name, width in zip(source.names, source.widths, strict=True):
+        for name, first, width in source.segments():
             start, stop = max(lo, offset), min(hi, offset + width)
             if start < stop:
-                block = [slice(a, b) for a, b in lead] + [slice(start - offset, stop - offset)]
+                cols = slice(first + start - offset, first + stop - offset)
+                block = [slice(a, b) for a, b in lead] + [cols]
                 if source.transpose:
                     block = block[::-1]
                 try:
@@ -819,9 +869,10 @@ def _param_sources(c: LlamaConfig) -> dict[str, _Source]:
     def linear(dst: str, prefix: str, srcs: list[str], bias: bool) -> None:
         widths = tuple(linears[s][0] for s in srcs)
         names = tuple(f"{prefix}{s}" for s in srcs)
-        sources[f"{dst}.kernel"] = _Source(tuple(f"{n}.weight" for n in names), widths, True)
+        g = c.fused_groups if len(srcs) > 1 else 1
+        sources[f"{dst}.kernel"] = _Source(tuple(f"{n}.weight" for n in names), widths, True, g)
         if bias:
-            sources[f"{dst}.bias"] = _Source(tuple(f"{n}.bias" for n in names), widths, False)
+            sources[f"{dst}.bias"] = _Source(tuple(f"{n}.bias" for n in names), widths, False, g)
 
     if not c.tie_word_embeddings:
         sources["lm_head.kernel"] = _Source(("lm_head.weight",), (c.vocab_size,), True)
