@@ -21,8 +21,10 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
     slice's columns for a fused projection); embeddings add ``scaling * lora_a @ lora_b`` to their
     ``[vocab, dim]`` table; a LoRA bias (PEFT ``lora_bias``) adds ``scaling * bias`` to the layer's
     bias. A ``PackedLoRALayerWeights`` keyed by a fused layer's name (as the adapter manager and
-    ``restore_adapter`` hold them) merges slice ``j`` into that slice's columns. The input model is
-    left unchanged.
+    ``restore_adapter`` hold them) merges slice ``j`` into that slice's columns. Packed layers and
+    their column groups are the model's own (``packed_modules_mapping``,
+    ``packed_modules_groups``), as ``jlora.apply(model)`` finds them. The input model is left
+    unchanged.
 
     Raises:
       AdapterMismatchError: an adapter module with no layer in the model, dims that differ, a

@@ -62,6 +62,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
+from jlora.config import is_int
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
 from jlora.mapping import LoRAMapping
 from jlora.targets import join_packed, split_packed
@@ -211,7 +212,7 @@ def add_lora(
     y, x, banks = jnp.asarray(y), jnp.asarray(x), jax.tree.map(jnp.asarray, banks)
     _check_linear_args(y, x, banks)
     widths = [bank.output_dim for bank in banks]
-    if not (isinstance(groups, int) and groups >= 1) or any(w % groups for w in widths):
+    if not (is_int(groups) and groups >= 1) or any(w % groups for w in widths):
         raise LoRAConfigError(
             f"add_lora: groups={groups!r} must be an int >= 1 dividing every slice width {widths}"
         )

@@ -231,7 +231,8 @@ def warn_if_fused_split(config, mesh) -> bool:
     logger.warning(
         "%s with fused_groups=%d split over model=%d devices: the fused columns cut across the "
         "slices and XLA moves them between devices in every layer; build the model with "
-        "fused_groups=%d (from_pretrained(..., mesh=mesh) does) or without %s (docs/multihost.md)",
+        "fused_groups a multiple of %d that divides the slices (from_pretrained(..., mesh=mesh) "
+        "picks it when it can) or without %s (docs/multihost.md)",
         " and ".join(fused),
         groups,
         model,

@@ -1,5 +1,5 @@
 """TargetModule: the contract between a model (what ``jlora.apply`` finds in it) and the adapter
-manager (what slot banks it allocates). Imports jax and jlora.errors only.
+manager (what slot banks it allocates). Imports jax, jlora.config and jlora.errors only.
 
 A model layer that LoRA can wrap is described by its path in the JAX model, its input dim, and
 one output slice per PEFT module it serves. A plain ``q_proj`` Linear has one slice; a fused
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jlora.config import is_int
 from jlora.errors import AdapterMismatchError
 
 
@@ -55,13 +56,14 @@ class TargetModule:
             )
         if self.is_embedding and len(self.out_dims) != 1:
             raise AdapterMismatchError(f"embedding target {self.name!r} cannot be packed")
-        if not (isinstance(self.groups, int) and self.groups >= 1) or any(
+        if not (is_int(self.groups) and self.groups >= 1) or any(
             d % self.groups for d in self.out_dims
         ):
             raise AdapterMismatchError(
                 f"target {self.name!r}: groups={self.groups!r} must be an int >= 1 dividing "
                 f"every slice width {self.out_dims}"
             )
+        object.__setattr__(self, "groups", int(self.groups))
 
     @property
     def out_dim(self) -> int:
@@ -87,6 +89,11 @@ def split_packed(y: jax.Array, widths: Sequence[int], groups: int = 1) -> list[j
     >>> [s.tolist() for s in split_packed(y, (3, 3), groups=3)]
     [[0, 2, 4], [1, 3, 5]]
     """
+    if sum(widths) != y.shape[-1] or any(w % groups for w in widths):
+        raise AdapterMismatchError(
+            f"split_packed: slice widths {tuple(widths)} must add up to the {y.shape[-1]} "
+            f"columns and each divide by groups={groups}"
+        )
     cuts = [sum(widths[:i]) // groups for i in range(1, len(widths))]
     if groups == 1:
         return jnp.split(y, cuts, axis=-1)

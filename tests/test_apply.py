@@ -2,6 +2,7 @@
 through the wrapper equals the model with the LoRA merged into its weights (W + scale * A @ B),
 per row of a mixed batch; no active adapter gives exactly the base output; bad targets raise."""
 
+import dataclasses
 import pickle
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from jlora.config import LoRAConfig
 from jlora.context import einsum_kernel_view, lora_context, padded_batch_mapping
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
 from jlora.merge import merge_adapter
+from jlora.targets import TargetModule, split_packed
 from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 # --------------------------------------------------------------------------------------------
@@ -488,6 +490,24 @@ def test_grouped_packed_columns_are_served_and_merged_in_their_groups(rng):
     k_cols = [i for i, c in enumerate(order) if 6 <= c < 10]
     np.testing.assert_array_equal(y[0][:, k_cols], model(x[0])[:, k_cols])  # k untouched
     assert_close(merge_adapter(model, adapter)(x[0]), expected)
+    # A LoRA bias (PEFT's lora_bias) merges into the same grouped columns of the layer's bias.
+    v = adapter.get_lora("v_proj")
+    v_bias = dataclasses.replace(v, bias=rng.standard_normal(4).astype(np.float32))
+    with_bias = dataclasses.replace(adapter, loras={**adapter.loras, "v_proj": v_bias})
+    plain_bias = np.concatenate([np.zeros(10), v.scaling * v_bias.bias])
+    got = merge_adapter(model, with_bias).qkv_proj.bias[...]
+    assert_close(got, model.qkv_proj.bias[...] + plain_bias[order])
+    # Layout helpers and settings: numpy ints are ints; widths that do not fit are refused.
+    assert (
+        TargetModule(
+            name="t", in_dim=2, out_dims=(4,), peft_names=("t",), groups=np.int64(2)
+        ).groups
+        == 2
+    )
+    with pytest.raises(
+        AdapterMismatchError, match=r"widths \(3, 3\) must add up to the 6 .* groups=2"
+    ):
+        split_packed(jnp.arange(6), (3, 3), groups=2)
 
     with pytest.raises(AdapterMismatchError, match=r"groups=4 must be an int >= 1 dividing"):
         apply(model, packed_modules=packed, packed_groups={"qkv_proj": 4})

@@ -297,6 +297,9 @@ def test_unsupported_config_raises():
         LlamaConfig.from_hf(hf, fuse_gate_up=True, fused_groups=32)
     with pytest.raises(CheckpointError, match="fused_groups=2 needs fuse_qkv or fuse_gate_up"):
         LlamaConfig.from_hf(hf, fused_groups=2)
+    with pytest.raises(CheckpointError, match="fused_groups must be an int >= 1, got 1.0"):
+        LlamaConfig.from_hf(hf, fuse_qkv=True, fused_groups=1.0)
+    assert LlamaConfig.from_hf(hf, fuse_qkv=True, fused_groups=np.int64(2)).fused_groups == 2
 
 
 # --------------------------------------------------------------------------------------------

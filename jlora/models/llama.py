@@ -30,6 +30,7 @@ load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -112,14 +113,15 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.fused_groups != 1:
-            g = self.fused_groups
+        g = self.fused_groups
+        if not (is_int(g) and g >= 1):
+            problems.append(f"fused_groups must be an int >= 1, got {g!r}")
+        elif g != 1:
+            object.__setattr__(self, "fused_groups", int(g))
             widths = {"q_dim": self.q_dim, "kv_dim": self.kv_dim} if self.fuse_qkv else {}
             if self.fuse_gate_up:
                 widths["intermediate_size"] = self.intermediate_size
-            if not (is_int(g) and g >= 1):
-                problems.append(f"fused_groups must be an int >= 1, got {g!r}")
-            elif not widths:
+            if not widths:
                 problems.append(f"fused_groups={g} needs fuse_qkv or fuse_gate_up")
             else:
                 problems += [
@@ -535,8 +537,8 @@ def from_pretrained(
         float32.
       fuse_qkv / fuse_gate_up: build fused projections (HF's separate weights are concatenated).
       fused_groups: the fused columns' layout (``LlamaConfig.fused_groups``); default: the
-        ``model`` axis size of ``mesh`` when a projection is fused (each device then holds whole
-        groups, the tensor-parallel layout), else 1.
+        ``model`` axis size of ``mesh`` when a projection is fused and its slices divide by it
+        (each device then holds whole groups, the tensor-parallel layout), else 1.
       mesh: load tensor-parallel onto this ``("data", "model")`` mesh: each parameter is created
         with its sharding (``specs``, default ``jlora.sharding.llama_param_specs``) and each
         device's block is read from the files on its own (once for all replicas of it): no
@@ -565,11 +567,10 @@ def from_pretrained(
             hf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_file}: unreadable ({e})") from None
-    if fused_groups is None:
-        model_axis = dict(getattr(mesh, "shape", {})).get(MODEL, 1)
-        fused_groups = model_axis if fuse_qkv or fuse_gate_up else 1
     overrides: dict[str, Any] = dict(
-        fuse_qkv=fuse_qkv, fuse_gate_up=fuse_gate_up, fused_groups=fused_groups
+        fuse_qkv=fuse_qkv,
+        fuse_gate_up=fuse_gate_up,
+        fused_groups=1 if fused_groups is None else fused_groups,
     )
     if dtype is not None:
         overrides["dtype"] = jnp.dtype(dtype).name
@@ -579,6 +580,11 @@ def from_pretrained(
         raise CheckpointError(f"{config_file}: {e}") from None
     except TypeError as e:
         raise CheckpointError(f"{config_file}: bad field ({e})") from None
+    model_axis = mesh.shape.get(MODEL, 1) if isinstance(mesh, jax.sharding.Mesh) else 1
+    if fused_groups is None and (fuse_qkv or fuse_gate_up) and model_axis > 1:
+        # Whole column groups per device, when the slices divide (else warned about below).
+        with contextlib.suppress(CheckpointError):
+            config = dataclasses.replace(config, fused_groups=model_axis)
 
     files = _tensor_files(path)
     expected = _hf_tensor_shapes(config)
