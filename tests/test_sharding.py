@@ -438,6 +438,31 @@ def test_fused_projections_split_over_model_are_warned_about(caplog, monkeypatch
     assert seen == [True, False]
 
 
+def test_mesh_loading_groups_fused_columns_only_when_every_slice_divides(caplog):
+    """`from_pretrained(mesh=...)`'s default `fused_groups` (the 8-device loads are in the
+    worker): the `model` axis size when the fused slices divide by it, else 1, then warned."""
+    from jlora.models.llama import _groups_for_mesh
+
+    hf = json.loads((FIXTURES / "tiny_llama" / "config.json").read_text())
+    fused = LlamaConfig.from_hf(hf, fuse_qkv=True, fuse_gate_up=True)  # q 64, kv 32, mlp 176
+    for mesh, groups in (((2, 4), 4), ((1, 8), 8), ((8, 1), 1), ((4, 2), 2)):
+        assert _groups_for_mesh(fused, abstract_mesh(*mesh)).fused_groups == groups, mesh
+    unfused = LlamaConfig.from_hf(hf)
+    assert _groups_for_mesh(unfused, abstract_mesh(1, 8)) is unfused
+    # One KV head of 4: k and v (4 columns each) do not divide by 8, the fused kernel (24) and
+    # every other split dim do; the load keeps [q | k | v] and says the columns will move.
+    narrow = LlamaConfig.from_hf(
+        hf | {"num_key_value_heads": 1, "head_dim": 4}, fuse_qkv=True, fuse_gate_up=True
+    )
+    mesh = abstract_mesh(1, 8)
+    kept = _groups_for_mesh(narrow, mesh)
+    assert kept is narrow and kept.fused_groups == 1
+    assert _groups_for_mesh(narrow, abstract_mesh(1, 4)).fused_groups == 4  # 4 divides 4
+    with caplog.at_level(logging.WARNING, logger="jlora.sharding"):
+        assert sh.warn_if_fused_split(kept, mesh)
+    assert "fused_groups=1 split over model=8" in caplog.text
+
+
 def test_layer_styles_are_read_from_the_placed_kernels():
     mesh = sh.make_mesh(1, 1, devices=jax.devices()[:1])
     base = from_pretrained(FIXTURES / "tiny_llama")

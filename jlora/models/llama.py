@@ -30,7 +30,6 @@ load.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -580,11 +579,8 @@ def from_pretrained(
         raise CheckpointError(f"{config_file}: {e}") from None
     except TypeError as e:
         raise CheckpointError(f"{config_file}: bad field ({e})") from None
-    model_axis = mesh.shape.get(MODEL, 1) if isinstance(mesh, jax.sharding.Mesh) else 1
-    if fused_groups is None and (fuse_qkv or fuse_gate_up) and model_axis > 1:
-        # Whole column groups per device, when the slices divide (else warned about below).
-        with contextlib.suppress(CheckpointError):
-            config = dataclasses.replace(config, fused_groups=model_axis)
+    if fused_groups is None and isinstance(mesh, jax.sharding.Mesh):
+        config = _groups_for_mesh(config, mesh)
 
     files = _tensor_files(path)
     expected = _hf_tensor_shapes(config)
@@ -626,6 +622,19 @@ def from_pretrained(
             assert value.shape == shape, (name, value.shape, shape)
             var.set_value(value)
     return abstract
+
+
+def _groups_for_mesh(config: LlamaConfig, mesh) -> LlamaConfig:
+    """``config`` with its fused columns in ``model``-axis-size groups (each device then holds
+    whole groups) when it fuses a projection and every fused slice divides by that size; else
+    unchanged (``from_pretrained`` then warns that the fused columns cut across devices)."""
+    model_axis = dict(mesh.shape).get(MODEL, 1)
+    if model_axis == 1 or not (config.fuse_qkv or config.fuse_gate_up):
+        return config
+    try:
+        return dataclasses.replace(config, fused_groups=model_axis)
+    except CheckpointError:  # a slice the model axis does not divide
+        return config
 
 
 @dataclasses.dataclass(frozen=True)
