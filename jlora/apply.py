@@ -61,6 +61,29 @@ class _Layer:
     unsupported: str | None = None
 
 
+def _packed_groups(model, packed_modules, packed_groups) -> dict[str, int]:
+    """Column groups per packed layer: the model's ``packed_modules_groups`` (how its columns
+    are laid out, so it cannot be overridden: an entry that contradicts it would serve and merge
+    LoRA into the wrong columns), plus ``packed_groups`` for the layers it does not cover."""
+    own = dict(getattr(model, "packed_modules_groups", None) or {})
+    given = dict(packed_groups or {})
+    unknown = sorted(set(given) - set(packed_modules))
+    if unknown:
+        raise AdapterMismatchError(
+            f"packed_groups names {unknown}, which packed_modules does not declare "
+            f"({sorted(packed_modules)})"
+        )
+    clash = {leaf: g for leaf, g in given.items() if leaf in own and g != own[leaf]}
+    if clash:
+        raise AdapterMismatchError(
+            f"packed_groups {clash} contradicts the model's packed_modules_groups "
+            f"({ {leaf: own[leaf] for leaf in clash} }), the layout its columns are in; leave "
+            "those layers out of packed_groups (the model's own groups are used)"
+        )
+    # A layer the caller's packed_modules leaves out is wrapped whole: its groups do not matter.
+    return {leaf: g for leaf, g in {**own, **given}.items() if leaf in packed_modules}
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -89,7 +112,8 @@ def apply(
         default: the model's ``packed_modules_mapping`` attribute, if any.
       packed_groups: ``{"qkv_proj": 4}``: that packed layer's columns are in 4 groups of every
         slice's next quarter (``jlora.targets.TargetModule.groups``, the tensor-parallel layout);
-        default: the model's ``packed_modules_groups`` attribute, if any, else 1.
+        the model's ``packed_modules_groups`` attribute, if any, gives the groups of the layers it
+        names (an entry here that contradicts it is refused); any other packed layer: 1.
       sample_args / sample_kwargs: Linen only: inputs for ``module.init`` (run abstractly with
         ``jax.eval_shape``, nothing is allocated) to find the layers and their dims.
       path_to_name: Linen only: module path -> dotted name; default joins with "." after turning
@@ -99,7 +123,8 @@ def apply(
       AdapterMismatchError: ``target_modules`` (or one of its entries) matches no layer, or matches
         a layer jlora cannot wrap (one stacked with ``nnx.vmap``/``nnx.scan`` or
         ``nn.scan``/``nn.vmap``, for instance: the default selection skips those); a packed
-        layer's slices do not add up to its output dim.
+        layer's slices do not add up to its output dim; ``packed_groups`` names a layer that
+        ``packed_modules`` does not declare, or contradicts the model's ``packed_modules_groups``.
       LoRAConfigError: a ``target_modules`` regex that does not compile.
 
     The wrapped model's forward is the model's own; LoRA state comes from ``jlora.lora_context``.
@@ -124,14 +149,7 @@ def apply(
             ) from None
     if packed_modules is None:
         packed_modules = getattr(model, "packed_modules_mapping", None) or {}
-    if packed_groups is None:
-        packed_groups = getattr(model, "packed_modules_groups", None) or {}
-    unknown = sorted(set(packed_groups) - set(packed_modules))
-    if unknown:
-        raise AdapterMismatchError(
-            f"packed_groups names {unknown}, which packed_modules does not declare "
-            f"({sorted(packed_modules)})"
-        )
+    packed_groups = _packed_groups(model, packed_modules, packed_groups)
     packed_modules = {
         leaf: (tuple(spec), packed_groups.get(leaf, 1)) for leaf, spec in packed_modules.items()
     }

@@ -468,9 +468,26 @@ def test_grouped_packed_columns_are_served_and_merged_in_their_groups(rng):
         def __call__(self, x):
             return self.qkv_proj(x)
 
+    class Ungrouped(Fused):  # the same layer, its layout given to apply by the caller
+        packed_modules_groups = None
+
     model = Fused(nnx.Rngs(0))
     wrapped = apply(model)
-    assert find_targets(apply(model, packed_groups={}))[0].groups == 1
+    ungrouped = Ungrouped(nnx.Rngs(0))
+    assert find_targets(apply(ungrouped))[0].groups == 1
+    assert find_targets(apply(ungrouped, packed_groups={"qkv_proj": 2}))[0].groups == 2
+    # The model's own layout cannot be overridden; agreeing with it, or saying nothing, is fine.
+    assert find_targets(apply(model, packed_groups={}))[0].groups == 2
+    assert find_targets(apply(model, packed_groups={"qkv_proj": 2}))[0].groups == 2
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"packed_groups \{'qkv_proj': 1\} contradicts the model's packed_modules_groups "
+        r"\(\{'qkv_proj': 2\}\)",
+    ):
+        apply(model, packed_groups={"qkv_proj": 1})
+    # Declared unpacked by the caller: wrapped whole, the model's groups do not apply.
+    (whole,) = find_targets(apply(model, packed_modules={}))
+    assert whole.groups == 1 and whole.out_dims == (14,)
     (target,) = find_targets(wrapped)
     assert target.groups == 2 and target.out_dims == (6, 4, 4)
     adapter = random_adapter(rng, [target], 1, skip=("k_proj",))
@@ -510,9 +527,9 @@ def test_grouped_packed_columns_are_served_and_merged_in_their_groups(rng):
         split_packed(jnp.arange(6), (3, 3), groups=2)
 
     with pytest.raises(AdapterMismatchError, match=r"groups=4 must be an int >= 1 dividing"):
-        apply(model, packed_modules=packed, packed_groups={"qkv_proj": 4})
+        apply(ungrouped, packed_modules=packed, packed_groups={"qkv_proj": 4})
     with pytest.raises(AdapterMismatchError, match=r"packed_groups names \['qkv'\]"):
-        apply(model, packed_modules=packed, packed_groups={"qkv": 2})
+        apply(ungrouped, packed_modules=packed, packed_groups={"qkv": 2})
     with pytest.raises(LoRAConfigError, match=r"add_lora: groups=3 must be"):
         from jlora.ops import add_lora
 

@@ -414,6 +414,9 @@ def test_blocks_read_across_fused_sources_match_the_whole_parameter(groups):
         want = np.concatenate([b for group in blocks for b in group], axis=1)
         got = params["model.layers.1.self_attn.qkv_proj.kernel"][...]
         np.testing.assert_array_equal(got, want)
+        # apply takes the layout from the model: naming one fused layer keeps the other's.
+        targets = find_targets(apply(fused, packed_groups={"qkv_proj": groups}))
+        assert {t.groups for t in targets if t.name.endswith(("qkv_proj", "gate_up_proj"))} == {8}
     with llama._Checkpoint(str(BASE), llama._tensor_files(str(BASE))) as checkpoint:
         for name, bounds in [
             ("model.layers.1.self_attn.qkv_proj.kernel", ((3, 41), (60, 100))),  # q|k|v
