@@ -1,6 +1,7 @@
 """Host-side reads of adapter weights: one aligned buffer per file, filled by large reads, and a
-NaN/Inf check by bit pattern, run on each piece as it lands. Shared by jlora.loader (PEFT
-safetensors) and jlora.checkpoint (jlora's own checkpoints). Imports numpy and ml_dtypes only.
+NaN/Inf check by bit pattern, run on each piece as it lands, by one thread per CPU (up to 4).
+Shared by jlora.loader (PEFT safetensors) and jlora.checkpoint (jlora's own checkpoints).
+Imports numpy and ml_dtypes only.
 
 Why aligned: ``jax.device_put`` of a numpy array on a CPU device aliases the host memory when it
 is 64-byte aligned and copies it otherwise (80 MB: 0.1 ms against 59 ms, BENCHMARKS.md), so
@@ -13,6 +14,10 @@ per-tensor arrays reuse them and the one buffer is ~15% slower: BENCHMARKS.md).
 
 from __future__ import annotations
 
+import bisect
+import concurrent.futures
+import os
+import threading
 from collections.abc import Sequence
 
 import ml_dtypes
@@ -21,6 +26,8 @@ import numpy as np
 ALIGNMENT = 64  # bytes; what XLA's CPU client needs to alias a host buffer
 _CHECK_CHUNK = 1 << 19  # elements per step of the finite check: the scratch stays in L2
 _READ_PIECE = 1 << 20  # bytes per readinto when the pieces are checked as they land
+_MAX_READERS = 4  # threads per read: more cores than this add little bandwidth
+_MIN_PART = 4 << 20  # bytes: below this a thread's start costs more than it saves
 
 # dtype -> (unsigned view, mask without the sign bit, the all-ones exponent of Inf/NaN)
 _FLOAT_BITS = {
@@ -39,51 +46,150 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 
 
 def read_ranges_checked(
-    path: str, ranges: Sequence[tuple[int, int]], dtypes: Sequence[np.dtype]
+    path: str,
+    ranges: Sequence[tuple[int, int]],
+    dtypes: Sequence[np.dtype],
+    readers: int | None = None,
 ) -> tuple[np.ndarray, list[int], list[int]]:
     """Reads the byte ranges ``[begin, end)`` of ``path`` into one aligned buffer, counting
     the NaN/Inf values of range ``i`` read as ``dtypes[i]`` (0 for integer dtypes).
 
     Overlapping or touching ranges are merged into runs, each starting 64-byte aligned in the
-    buffer.
-    The runs are read in pieces of ``_READ_PIECE`` bytes and every range is counted as soon as
-    its last byte lands, while the piece is still in cache; neighbouring ranges of one dtype are
-    counted as one array (one call for a whole piece), and one by one only when that count is
-    not zero. 80 MB of float16: read then count 9.7-11.0 ms, in 1 MiB pieces 8.2-8.6 ms (256 KiB
-    and 4 MiB pieces were slower); with the 448 per-tensor calls gone too, the loader's
-    conversion of that adapter went from 18.4 to 14.7 ms (BENCHMARKS.md). Returns the buffer,
-    the offsets and the counts.
+    buffer. The buffer is cut into ``readers`` parts of about equal size (default: one per
+    CPU this process may use, at most ``_MAX_READERS``, parts of ``_MIN_PART`` bytes or more),
+    each read by its own thread: ``readinto`` and numpy's loops release the GIL, so the copies
+    out of the page cache and the counts run on all cores (a single thread leaves half of a
+    2-core machine's memory bandwidth unused: BENCHMARKS.md). Each part is read in pieces of
+    ``_READ_PIECE`` bytes and every range (cut into ``_READ_PIECE`` segments) is counted as
+    soon as its last byte lands, while the piece is still in cache; neighbouring segments of
+    one dtype are counted as one array, and one by one only when that count is not zero.
+    Returns the buffer, the offsets and the counts.
 
     Raises:
       EOFError: the file ends before a range does (it was truncated after it was checked).
     """
     runs, placed, size = _plan(ranges)
     buf = aligned_empty(size)
-    order = sorted(range(len(ranges)), key=lambda i: placed[i])
-    ends = [placed[i] + ranges[i][1] - ranges[i][0] for i in range(len(ranges))]
-    bad = [0] * len(ranges)
-    done = 0  # ranges of `order` counted so far
+    dtypes = [np.dtype(d) for d in dtypes]
+    segments = _segments(placed, ranges, dtypes)
+    if readers is None:
+        readers = _default_readers(size)
+    cuts = _cuts(segments, size, max(1, readers))
+    parts = [
+        (lo, hi, [s for s in segments if lo <= s[0] < hi or (s[0] == s[1] == hi == size)])
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
 
-    def count(filled: int) -> None:  # every byte of the buffer below `filled` is in place
-        nonlocal done
-        while done < len(order) and ends[order[done]] <= filled:
-            group = [order[done]]
-            while done + len(group) < len(order):
-                nxt = order[done + len(group)]
+    def read_part(lo: int, hi: int, segs: list[tuple[int, int, int]]) -> tuple[dict, list]:
+        counter = _Counter(buf, segs, dtypes)
+        _fill(path, buf, runs, lo, hi, piece=_READ_PIECE, on_piece=counter.upto)
+        return counter.bad, counter.left()
+
+    results = _run_parallel(read_part, parts)
+    bad = [0] * len(ranges)
+    for counts, left in results:
+        for i, n in counts.items():
+            bad[i] += n
+        for begin, end, i in left:  # a segment past its part's end (overlapping ranges)
+            bad[i] += count_nonfinite(
+                np.frombuffer(buf, dtypes[i], (end - begin) // dtypes[i].itemsize, begin)
+            )
+    return buf, placed, bad
+
+
+def _default_readers(size: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_READERS, size // _MIN_PART))
+
+
+def _segments(placed, ranges, dtypes) -> list[tuple[int, int, int]]:
+    """``(buffer begin, buffer end, range index)`` of every range cut into pieces of at most
+    ``_READ_PIECE`` bytes (whole values), sorted by buffer offset."""
+    out = []
+    for i, (begin, end) in enumerate(ranges):
+        step = max(dtypes[i].itemsize, _READ_PIECE - _READ_PIECE % dtypes[i].itemsize)
+        lo, hi = placed[i], placed[i] + end - begin
+        if hi - lo <= step:  # most tensors of an adapter: one segment
+            out.append((lo, hi, i))
+        else:
+            out.extend((a, min(a + step, hi), i) for a in range(lo, hi, step))
+    out.sort()
+    return out
+
+
+def _cuts(segments, size: int, parts: int) -> list[int]:
+    """Buffer offsets ``0 = c_0 < ... < c_k = size`` (k <= parts), each inner one a segment
+    start near ``j * size / parts``, so that every part holds about as many bytes."""
+    cuts = [0]
+    starts = sorted({s[0] for s in segments if 0 < s[0] < size})
+    for j in range(1, parts):
+        if not starts:
+            break
+        k = bisect.bisect_left(starts, j * size // parts)
+        best = min(starts[max(0, k - 1) : k + 1], key=lambda c: abs(c - j * size // parts))
+        if best > cuts[-1]:
+            cuts.append(best)
+    cuts.append(size)
+    return cuts
+
+
+class _Counter:
+    """Counts NaN/Inf of a part's segments as their bytes land (``upto``), per range index."""
+
+    def __init__(self, buf: np.ndarray, segs: list[tuple[int, int, int]], dtypes):
+        self.buf, self.segs, self.dtypes = buf, segs, dtypes
+        self.done = 0  # segments counted so far
+        self.bad: dict[int, int] = {}
+
+    def upto(self, filled: int) -> None:  # every byte of the part below `filled` is in place
+        segs, dtypes = self.segs, self.dtypes
+        while self.done < len(segs) and segs[self.done][1] <= filled:
+            group = [segs[self.done]]
+            while self.done + len(group) < len(segs):
+                nxt = segs[self.done + len(group)]
                 last = group[-1]
-                if ends[nxt] > filled or placed[nxt] != ends[last] or dtypes[nxt] != dtypes[last]:
+                if nxt[1] > filled or nxt[0] != last[1] or dtypes[nxt[2]] != dtypes[last[2]]:
                     break
                 group.append(nxt)
-            first, dtype = group[0], np.dtype(dtypes[group[0]])
-            n = (ends[group[-1]] - placed[first]) // dtype.itemsize
-            if count_nonfinite(np.frombuffer(buf, dtype, count=n, offset=placed[first])):
-                for i in group:
-                    n = (ends[i] - placed[i]) // dtype.itemsize
-                    bad[i] = count_nonfinite(np.frombuffer(buf, dtype, count=n, offset=placed[i]))
-            done += len(group)
+            if self._count(group[0][0], group[-1][1], dtypes[group[0][2]]):
+                for begin, end, i in group:
+                    n = self._count(begin, end, dtypes[i])
+                    if n:
+                        self.bad[i] = self.bad.get(i, 0) + n
+            self.done += len(group)
 
-    _fill(path, buf, runs, piece=_READ_PIECE, on_piece=count)
-    return buf, placed, bad
+    def left(self) -> list[tuple[int, int, int]]:
+        return self.segs[self.done :]
+
+    def _count(self, begin: int, end: int, dtype: np.dtype) -> int:
+        n = (end - begin) // dtype.itemsize
+        return count_nonfinite(np.frombuffer(self.buf, dtype, count=n, offset=begin))
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _run_parallel(fn, parts: list[tuple]) -> list:
+    """``fn(*part)`` for every part, the first in this thread and the rest on a shared pool;
+    waits for all of them (they write into one buffer) before raising the first error."""
+    global _POOL
+    if len(parts) == 1:
+        return [fn(*parts[0])]
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(
+                _MAX_READERS - 1, thread_name_prefix="jlora-read"
+            )
+    futures = [_POOL.submit(fn, *part) for part in parts[1:]]
+    try:
+        first = fn(*parts[0])
+    finally:
+        concurrent.futures.wait(futures)
+    return [first] + [f.result() for f in futures]
 
 
 def _plan(ranges: Sequence[tuple[int, int]]) -> tuple[list[list[int]], list[int], int]:
@@ -109,23 +215,24 @@ def _plan(ranges: Sequence[tuple[int, int]]) -> tuple[list[list[int]], list[int]
     return runs, placed, size
 
 
-def _fill(path, buf, runs, piece: int | None = None, on_piece=None) -> None:
-    """Reads every run into its place in ``buf``, ``piece`` bytes per ``readinto`` at most,
-    calling ``on_piece(filled)`` after each with the buffer offset below which all is read."""
+def _fill(path, buf, runs, lo: int, hi: int, piece: int, on_piece) -> None:
+    """Reads the bytes of ``buf[lo:hi]`` from the runs that cover them, ``piece`` bytes per
+    ``readinto`` at most, calling ``on_piece(filled)`` after each with the buffer offset below
+    which all of the part is read."""
     with open(path, "rb", buffering=0) as f:
         for begin, end, offset in runs:
-            f.seek(begin)
-            view = memoryview(buf[offset : offset + end - begin])
-            filled = offset
+            a, b = max(lo, offset), min(hi, offset + end - begin)
+            if a >= b:
+                continue
+            f.seek(begin + a - offset)
+            view, filled = memoryview(buf[a:b]), a
             while view.nbytes:
-                n = f.readinto(view[:piece] if piece else view)
+                n = f.readinto(view[:piece])
                 if not n:
                     raise EOFError(f"{path}: ends before byte {end}")
                 view, filled = view[n:], filled + n
-                if on_piece:
-                    on_piece(filled)
-        if on_piece:
-            on_piece(buf.size)  # empty ranges past the last byte
+                on_piece(filled)
+        on_piece(hi)  # empty ranges at the part's end
 
 
 def count_nonfinite(x: np.ndarray) -> int:

@@ -48,13 +48,16 @@ def test_count_nonfinite_of_large_finite_values_and_integers():
     assert count_nonfinite(np.arange(10)) == 0
 
 
+@pytest.mark.parametrize("readers", [1, 2, 3])
 @pytest.mark.parametrize("piece", [7, 100, 1 << 20])
-def test_read_ranges_checked_counts_each_range_as_numpy_does(tmp_path, rng, monkeypatch, piece):
+def test_read_ranges_checked_counts_each_range_as_numpy_does(
+    tmp_path, rng, monkeypatch, piece, readers
+):
     from jlora import hostio
 
     monkeypatch.setattr(hostio, "_READ_PIECE", piece)
     dtypes = [np.float16, np.float32, ml_dtypes.bfloat16, np.float32, np.float16, np.float64]
-    arrays = [(rng.standard_normal(int(rng.integers(1, 90))) * 10).astype(d) for d in dtypes]
+    arrays = [(rng.standard_normal(int(rng.integers(3, 90))) * 10).astype(d) for d in dtypes]
     arrays += [np.zeros(0, np.float32), (rng.standard_normal(40) * 10).astype(np.float16)]
     for x, bad in zip(arrays, [3, 0, 1, 0, 2, 1, 0, 0], strict=True):
         x[rng.choice(x.size, bad, replace=False)] = np.nan if bad % 2 else np.inf
@@ -82,7 +85,7 @@ def test_read_ranges_checked_counts_each_range_as_numpy_does(tmp_path, rng, monk
     path.write_bytes(data)
     order = list(rng.permutation(len(ranges)))
     got_buf, placed, bad = read_ranges_checked(
-        str(path), [ranges[i] for i in order], [arrays[i].dtype for i in order]
+        str(path), [ranges[i] for i in order], [arrays[i].dtype for i in order], readers
     )
     for k, i in enumerate(order):
         x = arrays[i]
@@ -99,11 +102,57 @@ def test_read_ranges_checked_past_the_end_raises(tmp_path):
         read_ranges_checked(str(path), [(50, 200)], [np.float32])
 
 
-def test_read_ranges_checked_overlapping_ranges(tmp_path):
+@pytest.mark.parametrize("readers", [1, 2])
+def test_read_ranges_checked_overlapping_ranges(tmp_path, readers):
     x = np.asarray([1, 2, 3, np.nan, 4], np.float32)
     path = tmp_path / "o.bin"
     path.write_bytes(x.tobytes())
     # The whole array, then a range inside it that ends before the NaN: each is counted alone.
-    _, placed, bad = read_ranges_checked(str(path), [(0, 20), (4, 12)], [np.float32] * 2)
+    # Two readers cut the buffer at byte 4, inside the first range: it is counted after both.
+    _, placed, bad = read_ranges_checked(str(path), [(0, 20), (4, 12)], [np.float32] * 2, readers)
     assert bad == [1, 0]
     assert placed == [0, 4]
+
+
+@pytest.mark.parametrize("readers", [1, 2, 3, 4])
+def test_one_large_range_is_shared_by_the_readers(tmp_path, rng, monkeypatch, readers):
+    from jlora import hostio
+
+    monkeypatch.setattr(hostio, "_READ_PIECE", 4096)  # segments of 1024 float32 values
+    x = (rng.standard_normal(10_000) * 10).astype(np.float32)
+    # Bad values on both sides of segment (so part) edges, at the ends and in the middle.
+    bad_at = [0, 1023, 1024, 2047, 5000, 9999]
+    x[bad_at] = [np.nan, np.inf, -np.inf, np.nan, np.nan, np.inf]
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"\0" * 8 + x.tobytes())
+    cuts = hostio._cuts(hostio._segments([0], [(8, 8 + x.nbytes)], [x.dtype]), x.nbytes, readers)
+    assert len(cuts) == readers + 1  # every reader gets a part, of about equal size
+    assert max(np.diff(cuts)) - min(np.diff(cuts)) <= 2 * 4096  # cuts within half a segment
+    buf, placed, bad = read_ranges_checked(str(path), [(8, 8 + x.nbytes)], [x.dtype], readers)
+    assert bad == [len(bad_at)]
+    np.testing.assert_array_equal(buf.view(np.uint32), x.view(np.uint32))
+
+
+def test_a_file_cut_short_in_a_later_part_raises_after_every_reader_stops(tmp_path, monkeypatch):
+    from jlora import hostio
+
+    monkeypatch.setattr(hostio, "_READ_PIECE", 1024)
+    path = tmp_path / "cut.bin"
+    path.write_bytes(np.ones(3000, np.float32).tobytes())  # 12,000 of the 16,000 bytes
+    ranges = [(0, 8000), (8000, 16000)]
+    with pytest.raises(EOFError, match="ends before byte 16000"):
+        read_ranges_checked(str(path), ranges, [np.float32] * 2, readers=2)
+    # The pool is left usable.
+    _, _, bad = read_ranges_checked(str(path), [(0, 6000), (6000, 12000)], [np.float32] * 2, 2)
+    assert bad == [0, 0]
+
+
+def test_default_readers_follow_the_cpus_and_the_size(monkeypatch):
+    from jlora import hostio
+
+    monkeypatch.setattr(hostio.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert hostio._default_readers(1 << 30) == hostio._MAX_READERS
+    assert hostio._default_readers(hostio._MIN_PART - 1) == 1  # small files: one thread
+    assert hostio._default_readers(2 * hostio._MIN_PART) == 2
+    monkeypatch.setattr(hostio.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert hostio._default_readers(1 << 30) == 1
