@@ -173,6 +173,17 @@ _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child has none of the pool's threads, but the pool believes it has idle ones and
+    # would queue work that never runs: the child starts its own.
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _run_parallel(fn, parts: list[tuple]) -> list:
     """``fn(*part)`` for every part, the first in this thread and the rest on a shared pool;
     waits for all of them (they write into one buffer) before raising the first error."""

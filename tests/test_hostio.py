@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -156,3 +159,26 @@ def test_default_readers_follow_the_cpus_and_the_size(monkeypatch):
     assert hostio._default_readers(2 * hostio._MIN_PART) == 2
     monkeypatch.setattr(hostio.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert hostio._default_readers(1 << 30) == 1
+
+
+def test_a_forked_child_reads_with_its_own_pool(tmp_path):
+    # In a subprocess (no JAX threads, no pytest warnings filter): the parent's pool has idle
+    # threads when it forks; the child's read must not wait for them.
+    script = f"""
+import os, sys, numpy as np
+from jlora.hostio import read_ranges_checked
+path = {str(tmp_path / "f.bin")!r}
+x = np.arange(4096, dtype=np.float32)
+x[7] = np.nan
+x.tofile(path)
+ranges, dtypes = [(0, 8192), (8192, 16384)], [np.float32] * 2
+assert read_ranges_checked(path, ranges, dtypes, 2)[2] == [1, 0]
+pid = os.fork()
+if pid == 0:
+    ok = read_ranges_checked(path, ranges, dtypes, 2)[2] == [1, 0]
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    result = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
