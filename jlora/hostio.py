@@ -151,7 +151,13 @@ class _Counter:
             while self.done + len(group) < len(segs):
                 nxt = segs[self.done + len(group)]
                 last = group[-1]
-                if nxt[1] > filled or nxt[0] != last[1] or dtypes[nxt[2]] != dtypes[last[2]]:
+                dtype = dtypes[last[2]]
+                if (
+                    nxt[1] > filled
+                    or nxt[0] != last[1]
+                    or dtypes[nxt[2]] != dtype
+                    or (last[1] - last[0]) % dtype.itemsize  # would count misaligned values
+                ):
                     break
                 group.append(nxt)
             if self._count(group[0][0], group[-1][1], dtypes[group[0][2]]):
@@ -184,23 +190,39 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
+_IN_POOL = threading.local()  # set on the pool's threads: a read there runs serially
+
+
 def _run_parallel(fn, parts: list[tuple]) -> list:
     """``fn(*part)`` for every part, the first in this thread and the rest on a shared pool;
-    waits for all of them (they write into one buffer) before raising the first error."""
+    waits for all of them (they write into one buffer) before raising the first error.
+
+    Runs every part in this thread when called from a pool thread (waiting there for the pool
+    could deadlock it) or when no thread can start (the interpreter is shutting down)."""
     global _POOL
-    if len(parts) == 1:
-        return [fn(*parts[0])]
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(
-                _MAX_READERS - 1, thread_name_prefix="jlora-read"
-            )
-    futures = [_POOL.submit(fn, *part) for part in parts[1:]]
+    if len(parts) == 1 or getattr(_IN_POOL, "active", False):
+        return [fn(*part) for part in parts]
+    futures = []
     try:
-        first = fn(*parts[0])
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = concurrent.futures.ThreadPoolExecutor(
+                    _MAX_READERS - 1, thread_name_prefix="jlora-read", initializer=_mark_pool
+                )
+            pool = _POOL
+        for part in parts[1:]:
+            futures.append(pool.submit(fn, *part))
+    except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+        pass
+    try:
+        here = [fn(*parts[0])] + [fn(*part) for part in parts[1 + len(futures) :]]
     finally:
         concurrent.futures.wait(futures)
-    return [first] + [f.result() for f in futures]
+    return here + [f.result() for f in futures]
+
+
+def _mark_pool() -> None:
+    _IN_POOL.active = True
 
 
 def _plan(ranges: Sequence[tuple[int, int]]) -> tuple[list[list[int]], list[int], int]:

@@ -182,3 +182,52 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
     result = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_reads_at_interpreter_shutdown_run_in_the_calling_thread(tmp_path):
+    # A non-daemon thread reading after the main thread returned, and an atexit handler: no
+    # new pool thread can start then, so the parts are read serially.
+    script = f"""
+import atexit, threading, time, numpy as np
+from jlora.hostio import read_ranges_checked
+path = {str(tmp_path / "f.bin")!r}
+x = np.ones(1 << 16, np.float32)
+x[-1] = np.inf
+x.tofile(path)
+ranges, dtypes = [(0, 1 << 17), (1 << 17, 1 << 18)], [np.float32] * 2
+def read(tag):
+    print(tag, read_ranges_checked(path, ranges, dtypes, 2)[2], flush=True)
+def late():
+    time.sleep(0.5)
+    read("late")
+threading.Thread(target=late).start()
+atexit.register(read, "atexit")
+"""
+    result = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
+    assert sorted(result.stdout.decode().split("\n")) == ["", "atexit [0, 1]", "late [0, 1]"]
+
+
+def test_a_read_on_a_pool_thread_runs_serially(tmp_path):
+    from jlora import hostio
+
+    x = np.arange(1 << 14, dtype=np.float32)
+    x[3] = np.nan
+    path = tmp_path / "f.bin"
+    x.tofile(path)
+    ranges, dtypes = [(0, 1 << 15), (1 << 15, 1 << 16)], [np.float32] * 2
+    read_ranges_checked(str(path), ranges, dtypes, 2)  # the pool exists
+    # More nested reads than pool threads: each would wait for a thread that never frees.
+    jobs = [
+        hostio._POOL.submit(read_ranges_checked, str(path), ranges, dtypes, 4)
+        for _ in range(2 * hostio._MAX_READERS)
+    ]
+    assert all(job.result(timeout=30)[2] == [1, 0] for job in jobs)
+
+
+def test_touching_ranges_of_a_partial_value_are_counted_apart(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\0" * 6 + np.asarray([np.nan, 1.0], np.float32).tobytes())
+    # One run; counted as one float32 array the NaN would sit across two values.
+    _, _, bad = read_ranges_checked(str(path), [(0, 6), (6, 14)], [np.float32] * 2, 1)
+    assert bad == [0, 1]
