@@ -75,10 +75,9 @@ def read_ranges_checked(
     if readers is None:
         readers = _default_readers(size)
     cuts = _cuts(segments, size, max(1, readers))
-    parts = [
-        (lo, hi, [s for s in segments if lo <= s[0] < hi or (s[0] == s[1] == hi == size)])
-        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)
-    ]
+    parts = [(lo, hi, []) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+    for seg in segments:  # to the part its start falls in (the last one for empty tail ranges)
+        parts[min(bisect.bisect_right(cuts, seg[0]), len(parts)) - 1][2].append(seg)
 
     def read_part(lo: int, hi: int, segs: list[tuple[int, int, int]]) -> tuple[dict, list]:
         counter = _Counter(buf, segs, dtypes)
@@ -91,9 +90,7 @@ def read_ranges_checked(
         for i, n in counts.items():
             bad[i] += n
         for begin, end, i in left:  # a segment past its part's end (overlapping ranges)
-            bad[i] += count_nonfinite(
-                np.frombuffer(buf, dtypes[i], (end - begin) // dtypes[i].itemsize, begin)
-            )
+            bad[i] += _count_at(buf, begin, end, dtypes[i])
     return buf, placed, bad
 
 
@@ -160,9 +157,9 @@ class _Counter:
                 ):
                     break
                 group.append(nxt)
-            if self._count(group[0][0], group[-1][1], dtypes[group[0][2]]):
+            if _count_at(self.buf, group[0][0], group[-1][1], dtypes[group[0][2]]):
                 for begin, end, i in group:
-                    n = self._count(begin, end, dtypes[i])
+                    n = _count_at(self.buf, begin, end, dtypes[i])
                     if n:
                         self.bad[i] = self.bad.get(i, 0) + n
             self.done += len(group)
@@ -170,9 +167,11 @@ class _Counter:
     def left(self) -> list[tuple[int, int, int]]:
         return self.segs[self.done :]
 
-    def _count(self, begin: int, end: int, dtype: np.dtype) -> int:
-        n = (end - begin) // dtype.itemsize
-        return count_nonfinite(np.frombuffer(self.buf, dtype, count=n, offset=begin))
+
+def _count_at(buf: np.ndarray, begin: int, end: int, dtype: np.dtype) -> int:
+    """NaN/Inf among the whole ``dtype`` values of ``buf[begin:end]``."""
+    n = (end - begin) // dtype.itemsize
+    return count_nonfinite(np.frombuffer(buf, dtype, count=n, offset=begin))
 
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
