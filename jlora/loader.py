@@ -33,7 +33,7 @@ from jlora.errors import (
     UnsafeFormatError,
 )
 from jlora.hostio import count_nonfinite, read_ranges_checked
-from jlora.peft import PEFTConfig, matches_target
+from jlora.peft import PEFTConfig
 from jlora.weights import LoRALayerWeights, LoRAModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,7 +86,9 @@ def load_adapter(
       path: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       adapter_id: id >= 1; default: stable hash of the absolute path.
       name: default: the directory's base name.
-      config: serving limits to check against (max_lora_rank, bias_enabled, target_modules).
+      config: serving limits to check against (max_lora_rank, bias_enabled); its
+        target_modules select the model's layers (``jlora.apply``), and whether this adapter's
+        modules are among them is checked where it enters a slot bank (``jlora.manager``).
       dtype: dtype of the converted arrays; default ``config.lora_dtype``; "auto" (or no
         config) keeps each tensor's stored dtype.
 
@@ -200,13 +202,10 @@ def _index_tensors(
                 f"{file}: module {module!r} has {have} but no {miss}; the file is incomplete"
             )
         _check_shapes(file, module, e, peft, config)
-    if config is not None and config.target_modules is not None:
-        unserved = [m for m in entries if not matches_target(m, config.target_modules)]
-        if unserved:
-            raise AdapterMismatchError(
-                f"{file}: modules {unserved} are outside LoRAConfig.target_modules="
-                f"{config.target_modules!r}; widen target_modules to serve this adapter"
-            )
+    # No check against config.target_modules here: those name the model's JAX layers
+    # ("all-linear", a fused qkv_proj), which PEFT module names cannot be matched against
+    # without the model. Which modules are served is the manager's check against the wrapped
+    # model's targets (jlora.manager.add_adapter), which names a module it has no target for.
     return entries
 
 

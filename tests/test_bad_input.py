@@ -11,6 +11,7 @@ from conftest import ADAPTERS_DIR
 from safetensors.numpy import load_file, save_file
 
 import jlora
+import jlora.manager as mgr
 from jlora import ops
 from jlora.errors import (
     AdapterConfigError,
@@ -21,6 +22,7 @@ from jlora.errors import (
     MappingError,
     UnsafeFormatError,
 )
+from jlora.targets import TargetModule
 
 SOURCE = ADAPTERS_DIR / "attn_r8"
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -330,8 +332,19 @@ def test_pickle_file_path_refused(tmp_path):
 
 
 def test_target_modules_filter(adapter):
+    # target_modules select the model's layers (jlora.apply): the loader reads every module, and
+    # the manager refuses one the wrapped model has no target for, naming it.
     config = jlora.LoRAConfig(max_loras=2, max_lora_rank=8, target_modules=["q_proj"])
-    expect(AdapterMismatchError, adapter, "k_proj", "target_modules", config=config)
+    model = jlora.load_adapter(adapter, config=config)
+    assert any(name.endswith("k_proj") for name in model.loras)
+    targets = [
+        TargetModule(name=n, in_dim=w.input_dim, out_dims=(w.output_dim,), peft_names=(n,))
+        for n, w in model.loras.items()
+        if n.endswith("q_proj")
+    ]
+    state = mgr.init_state(config, targets)
+    with pytest.raises(AdapterMismatchError, match=r"targets module 'model\.layers\.0\..*k_proj'"):
+        mgr.add_adapter(state, model)
 
 
 def test_failed_load_leaves_files_untouched(adapter):
