@@ -19,6 +19,7 @@ import numpy as np
 import jlora
 from jlora.checkpoint import is_adapter_checkpoint, restore_adapter
 from jlora.peft import PEFTConfig
+from jlora.weights import PackedLoRALayerWeights
 
 
 def adapter_summary(path: str | os.PathLike) -> dict:
@@ -30,8 +31,18 @@ def adapter_summary(path: str | os.PathLike) -> dict:
         model = jlora.load_adapter(path)
         peft = PEFTConfig.from_dir(path)
         alpha, rslora = peft.lora_alpha, peft.use_rslora
-    scalings = sorted({round(w.scaling, 4) for w in model.loras.values()})
-    suffixes = sorted({m.rsplit(".", 1)[-1] for m in model.loras})
+    # A packed module (a fused qkv_proj) counts as the PEFT modules of its slices.
+    layers = [
+        (name, w)
+        for key, weights in model.loras.items()
+        for name, w in (
+            [(s.module_name or key, s) for s in weights.slices if s is not None]
+            if isinstance(weights, PackedLoRALayerWeights)
+            else [(key, weights)]
+        )
+    ]
+    scalings = sorted({round(w.scaling, 4) for _, w in layers})
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in layers})
     return {
         "name": model.name,
         "rank": model.rank,
@@ -41,7 +52,7 @@ def adapter_summary(path: str | os.PathLike) -> dict:
         "modules": len(model.loras),
         "params": model.num_parameters,
         "bytes": model.num_bytes,
-        "dtype": str(next(iter(model.loras.values())).lora_a.dtype),
+        "dtype": "/".join(sorted({str(w.lora_a.dtype) for _, w in layers})) or "-",
         "rslora": rslora,
     }
 

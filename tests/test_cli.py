@@ -136,3 +136,28 @@ def test_demo_max_tokens_error_names_no_private_function(capsys):
         cli.main(["demo", "--max-tokens", "abc"])
     err = capsys.readouterr().err
     assert "must be an int >= 1, got 'abc'" in err and "_positive_int" not in err
+
+
+def test_inspect_an_empty_and_a_packed_checkpoint(capsys, tmp_path):
+    from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
+
+    def layer(name, scaling):
+        a, b = np.ones((4, 2), np.float32), np.ones((2, 3), np.float32)
+        return LoRALayerWeights(module_name=name, lora_a=a, lora_b=b, scaling=scaling)
+
+    empty = jlora.save_adapter(LoRAModel(loras={}, id=3, name="empty"), tmp_path / "empty")
+    assert cli.main(["inspect", empty]) == 0
+    assert "empty" in capsys.readouterr().out
+    packed = LoRAModel(
+        loras={
+            "l.qkv_proj": PackedLoRALayerWeights(
+                slices=(layer("l.q_proj", 0.5), None, layer("l.v_proj", 2.0)),
+                module_name="l.qkv_proj",
+            )
+        },
+        id=4,
+        name="packed",
+    )
+    assert cli.main(["inspect", jlora.save_adapter(packed, tmp_path / "packed")]) == 0
+    out = capsys.readouterr().out
+    assert "0.5/2" in out and "q_proj,v_proj" in out and "float32" in out
