@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import shutil
+import tempfile
 import types
 from typing import Any
 
@@ -46,17 +49,27 @@ _BUFFER_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 FORMAT_VERSION = 2  # 1: buffers in tensorstore (orbax PyTree handler)
 ARRAYS_ITEM = "arrays"
 META_ITEM = "jlora_adapter"
+META_FILE = "metadata"  # orbax's JsonCheckpointHandler's file in the META_ITEM directory
+# Everything orbax and jlora write in a checkpoint: what overwrite may delete, and nothing else.
+_OWN_ENTRIES = {
+    "": {META_ITEM, ARRAYS_ITEM, "_CHECKPOINT_METADATA", "commit_success.txt"},
+    META_ITEM: {META_FILE, "commit_success.txt"},
+    ARRAYS_ITEM: {f"{d}.bin" for d in _BUFFER_DTYPES} | {"commit_success.txt"},
+}
 
 
 def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
-    """True when ``path`` looks like a ``save_adapter`` checkpoint (cheap: no orbax, no reads)."""
-    return os.path.isdir(os.path.join(os.fspath(path), META_ITEM))
+    """True when ``path`` looks like a ``save_adapter`` checkpoint: its metadata file is there
+    (cheap: no orbax, no reads; ``restore_adapter`` checks the rest)."""
+    return os.path.isfile(os.path.join(os.fspath(path), META_ITEM, META_FILE))
 
 
 def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Writes ``model`` to the directory ``path`` (created; must not exist unless
-    ``overwrite``, which replaces only an existing jlora checkpoint: any other file or directory
-    there is refused, never deleted). Returns the absolute path.
+    ``overwrite``, which replaces only an existing jlora checkpoint holding nothing but what a
+    save writes: any other file or directory there is refused, never deleted). The checkpoint
+    is written beside ``path`` and moved there once complete, so a failed save leaves ``path``
+    as it was. Returns the absolute path.
 
     >>> import tempfile, numpy as np
     >>> w = LoRALayerWeights(module_name="q", lora_a=np.ones((4, 2), np.float32),
@@ -76,12 +89,21 @@ def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool =
     if os.path.lexists(path):
         if not overwrite:
             raise CheckpointError(f"{path}: already exists; pass overwrite=True to replace it")
-        # orbax's force=True deletes whatever is there: only ever let it delete a checkpoint.
-        if os.path.islink(path) or not is_adapter_checkpoint(path):
-            raise CheckpointError(
-                f"{path}: exists and is not a jlora adapter checkpoint; overwrite replaces only "
-                "a checkpoint, so choose a new path or remove it yourself"
-            )
+        _check_replaceable(path)
+    # Every field checked, and the metadata serialized once, before orbax starts: a failure in
+    # orbax's writer would leave its temporary directory behind.
+    if not is_int(model.id) or model.id < 1:
+        raise CheckpointError(
+            f"{path}: adapter {model.name!r} has id {model.id!r}; ids are ints >= 1 "
+            "(LoRAModel.clone(new_id) gives it one)"
+        )
+    if not isinstance(model.name, str):
+        raise CheckpointError(f"{path}: adapter name {model.name!r} must be a str")
+    if model.path is not None and not isinstance(model.path, str | os.PathLike):
+        raise CheckpointError(
+            f"{path}: adapter {model.name!r} has path {model.path!r}; pass a str, a PathLike "
+            "or None"
+        )
     packer = _Packer()
     modules: list[dict] = []
     for name, weights in model.loras.items():
@@ -98,19 +120,79 @@ def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool =
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "id": model.id,
+        "id": int(model.id),
         "name": model.name,
-        "path": model.path,
+        "path": None if model.path is None else os.fspath(model.path),
         "buffers": {k: v.nbytes for k, v in buffers.items()},
         "modules": modules,
     }
+    try:
+        json.dumps(meta)  # what orbax's JsonSave will do, in its writer thread
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: adapter {model.name!r} has a field JSON cannot hold ({e}); module names "
+            "must be strs"
+        ) from None
     items: dict[str, Any] = {
         META_ITEM: ocp.args.JsonSave(meta),
         ARRAYS_ITEM: _buffer_args().save(buffers),
     }
-    with _checkpointer() as ckptr:
-        ckptr.save(path, ocp.args.Composite(**items), force=overwrite)
+    # Written beside the destination and moved into place once orbax has committed it, so a
+    # failed save leaves no partial checkpoint and keeps the one it was to replace.
+    parent, base = os.path.split(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{base}.jlora-save-", dir=parent)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be written ({type(e).__name__}: {e})") from None
+    try:
+        new = os.path.join(staging, "new")
+        with _checkpointer() as ckptr:
+            ckptr.save(new, ocp.args.Composite(**items))
+        old = os.path.join(staging, "old")
+        if os.path.lexists(path):
+            os.rename(path, old)
+        try:
+            os.rename(new, path)
+        except OSError:
+            if os.path.lexists(old):
+                os.rename(old, path)
+            raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be written ({type(e).__name__}: {e})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _check_replaceable(path: str) -> None:
+    """Raises unless ``path`` is a jlora checkpoint holding only what a save writes: all that
+    ``save_adapter(overwrite=True)`` may delete."""
+
+    def refuse(why: str):
+        raise CheckpointError(
+            f"{path}: {why}; overwrite replaces only a jlora adapter checkpoint that holds "
+            "nothing else, so choose a new path or remove it yourself"
+        )
+
+    try:
+        with open(os.path.join(path, META_ITEM, META_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = None
+    if os.path.islink(path) or not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        refuse("exists and is not a jlora adapter checkpoint (no readable metadata)")
+    for sub, own in _OWN_ENTRIES.items():
+        directory = os.path.join(path, sub)
+        for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+            where = os.path.join(directory, entry)
+            want_dir = not sub and entry in _OWN_ENTRIES  # the two item directories
+            if (
+                entry not in own
+                or os.path.islink(where)
+                or not (os.path.isdir(where) if want_dir else os.path.isfile(where))
+            ):
+                refuse(f"holds {where}, which jlora does not write")
 
 
 def restore_adapter(path: str | os.PathLike) -> LoRAModel:
@@ -118,15 +200,25 @@ def restore_adapter(path: str | os.PathLike) -> LoRAModel:
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    if not is_adapter_checkpoint(path):
+    if not os.path.isdir(os.path.join(path, META_ITEM)):
         raise CheckpointError(
             f"{path}: not a jlora adapter checkpoint (no {META_ITEM!r} item); write one with "
             "jlora.save_adapter, or load a PEFT adapter directory with jlora.load_adapter"
+        )
+    if not is_adapter_checkpoint(path):
+        raise CheckpointError(
+            f"{os.path.join(path, META_ITEM, META_FILE)}: missing; the checkpoint is incomplete "
+            "(an interrupted copy?): re-save the adapter with jlora.save_adapter"
         )
     try:
         return _restore(path, ocp)
     except LoRAError:
         raise
+    except OSError as e:
+        raise CheckpointError(
+            f"{path}: the checkpoint cannot be read ({type(e).__name__}: {e}); check its "
+            "files and permissions, or re-save the adapter"
+        ) from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         # json errors are ValueErrors; the rest are metadata of the wrong shape
         raise CheckpointError(

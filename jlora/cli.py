@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 
 import jlora
-from jlora.checkpoint import is_adapter_checkpoint, restore_adapter
+from jlora.checkpoint import META_ITEM, is_adapter_checkpoint, restore_adapter
 from jlora.peft import PEFTConfig
 from jlora.weights import PackedLoRALayerWeights
 
@@ -25,7 +25,8 @@ from jlora.weights import PackedLoRALayerWeights
 def adapter_summary(path: str | os.PathLike) -> dict:
     """Validates and loads the adapter at ``path`` (a PEFT directory or a jlora checkpoint);
     returns what ``inspect`` prints. A checkpoint stores scalings, not PEFT's alpha."""
-    if is_adapter_checkpoint(path):
+    # A jlora_adapter/ item without its metadata is a broken checkpoint: restore_adapter says so.
+    if is_adapter_checkpoint(path) or os.path.isdir(os.path.join(path, META_ITEM)):
         model, alpha, rslora = restore_adapter(path), "-", "-"
     else:
         model = jlora.load_adapter(path)
@@ -72,7 +73,7 @@ def print_table(rows: list[dict], out=None) -> None:
 def cmd_inspect(args) -> int:
     try:
         print_table([adapter_summary(args.path)])
-    except jlora.LoRAError as e:
+    except (jlora.LoRAError, OSError) as e:  # OSError: a file that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -239,3 +239,137 @@ def test_arrays_item_restores_through_orbax_too(tmp_path):
         with open(_buffer_file(path, key), "rb") as f:
             assert buf.tobytes() == f.read()
         assert (buf.dtype.name, bad) == (key, 0)
+
+
+def _small(**kw) -> LoRAModel:
+    layer = LoRALayerWeights(
+        module_name="q", lora_a=np.ones((4, 2), np.float32), lora_b=np.ones((2, 3), np.float32)
+    )
+    return LoRAModel(loras={"q": layer}, **{"id": 7, "name": "small", **kw})
+
+
+def _tree(root) -> dict:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), root)] = None
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), root)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("keep", ["metadata", "nothing"])
+def test_a_checkpoint_without_its_metadata_file_is_a_checkpoint_error(tmp_path, keep):
+    path = save_adapter(_small(), tmp_path / "c")
+    meta_dir = os.path.join(path, META_ITEM)
+    for f in os.listdir(meta_dir):
+        os.unlink(os.path.join(meta_dir, f))
+    if keep == "nothing":
+        os.rmdir(meta_dir)
+        os.makedirs(meta_dir)  # a bare jlora_adapter/ directory, as any folder may hold
+    assert not is_adapter_checkpoint(path)
+    with pytest.raises(CheckpointError) as info:
+        restore_adapter(path)
+    assert os.path.join(meta_dir, "metadata") in str(info.value) and "re-save" in str(info.value)
+
+
+def test_an_unreadable_checkpoint_file_is_a_checkpoint_error(tmp_path, monkeypatch):
+    from jlora import checkpoint
+
+    path = save_adapter(_small(), tmp_path / "c")
+
+    def denied(directory, sizes):
+        raise PermissionError(13, "Permission denied", os.path.join(directory, "float32.bin"))
+
+    monkeypatch.setattr(checkpoint, "_read_buffers", denied)
+    with pytest.raises(CheckpointError, match=r"cannot be read \(PermissionError") as info:
+        restore_adapter(path)
+    assert path in str(info.value)
+
+
+def _foreign_subdir(root):
+    os.makedirs(os.path.join(root, META_ITEM))
+
+
+def _foreign_file(sub):
+    def add(root):
+        with open(os.path.join(root, sub, "notes.txt"), "w") as f:
+            f.write("user data")
+
+    return add
+
+
+def _wrong_format(root):
+    _edit_meta(root, lambda meta: meta.update(format="someone.else"))
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (_foreign_subdir, "not a jlora adapter checkpoint"),
+        (_foreign_file(""), "notes.txt"),
+        (_foreign_file("arrays"), "notes.txt"),
+        (_foreign_file(META_ITEM), "notes.txt"),
+        (_wrong_format, "not a jlora adapter checkpoint"),
+    ],
+)
+def test_overwrite_never_deletes_what_is_not_all_a_jlora_checkpoint(tmp_path, make, fragment):
+    root = tmp_path / "project"
+    if make is _foreign_subdir:
+        root.mkdir()
+        (root / "precious.txt").write_text("user data")
+    else:
+        save_adapter(_small(), root)
+    make(str(root))
+    before = _tree(root)
+    with pytest.raises(CheckpointError, match="overwrite") as info:
+        save_adapter(_small(name="new"), root, overwrite=True)
+    assert fragment in str(info.value)
+    assert _tree(root) == before
+    assert sorted(os.listdir(tmp_path)) == ["project"]
+
+
+def test_a_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    from jlora.checkpoint import _buffer_args
+
+    path = save_adapter(_small(), tmp_path / "c")
+    before = _tree(path)
+
+    def fail(self, directory, args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_buffer_args().handler, "save", fail)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_adapter(_small(name="new"), path, overwrite=True)
+    assert _tree(path) == before and sorted(os.listdir(tmp_path)) == ["c"]
+    monkeypatch.undo()
+    save_adapter(_small(name="new"), path, overwrite=True)
+    assert restore_adapter(path).name == "new" and sorted(os.listdir(tmp_path)) == ["c"]
+
+
+def test_numpy_ids_and_pathlike_paths_are_saved_as_plain_values(tmp_path):
+    import pathlib
+
+    model = _small(id=np.int64(5), path=pathlib.Path("/some/where"))
+    restored = restore_adapter(save_adapter(model, tmp_path / "c"))
+    assert (type(restored.id), restored.id, restored.path) == (int, 5, "/some/where")
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        (dict(id=0), "id"),
+        (dict(id=True), "id"),
+        (dict(id=2.5), "id"),
+        (dict(id="7"), "id"),
+        (dict(name=3), "name"),
+        (dict(path=3), "path"),
+    ],
+)
+def test_save_refuses_bad_fields_before_writing_anything(tmp_path, fields, fragment):
+    with pytest.raises(CheckpointError, match=fragment) as info:
+        save_adapter(_small(**fields), tmp_path / "c")
+    assert str(tmp_path / "c") in str(info.value)
+    assert os.listdir(tmp_path) == []

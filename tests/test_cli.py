@@ -161,3 +161,12 @@ def test_inspect_an_empty_and_a_packed_checkpoint(capsys, tmp_path):
     assert cli.main(["inspect", jlora.save_adapter(packed, tmp_path / "packed")]) == 0
     out = capsys.readouterr().out
     assert "0.5/2" in out and "q_proj,v_proj" in out and "float32" in out
+
+
+def test_inspect_an_incomplete_checkpoint_is_an_error_line(capsys, tmp_path):
+    from jlora.checkpoint import META_ITEM
+
+    (tmp_path / "broken" / META_ITEM).mkdir(parents=True)
+    assert cli.main(["inspect", str(tmp_path / "broken")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(tmp_path / "broken" / META_ITEM / "metadata") in err
