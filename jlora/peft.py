@@ -96,19 +96,24 @@ class PEFTConfig:
         def names(v):
             return tuple(str(t) for t in v) if isinstance(v, list | tuple) else v
 
+        def flag(v):  # a JSON boolean; bool("false") would be True
+            if v is None or isinstance(v, bool):
+                return bool(v)
+            raise TypeError("must be true or false (a JSON boolean)")
+
         # Field by field, so that a mistyped one is named in the error.
         parsers = {
             "bias": lambda v: v or "none",
             "modules_to_save": lambda v: tuple(v or ()),
-            "use_rslora": bool,
-            "use_dora": bool,
+            "use_rslora": flag,
+            "use_dora": flag,
             "rank_pattern": lambda v: dict(v or {}),
             "alpha_pattern": lambda v: dict(v or {}),
             "layers_to_transform": layers,
             "layers_pattern": patterns,
-            "fan_in_fan_out": bool,
+            "fan_in_fan_out": flag,
             "exclude_modules": lambda v: names(v) or None,
-            "lora_bias": bool,
+            "lora_bias": flag,
             "peft_type": lambda v: str(v or "LORA"),
         }
         fields = {}
@@ -192,8 +197,10 @@ class PEFTConfig:
             ("lora_alpha", self.lora_alpha),
             *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()),
         ]:
-            if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < math.inf:
-                problems.append(f"{name} must be a positive finite number, got {a!r}")
+            if not _is_positive_finite(a):
+                huge = isinstance(a, int) and not isinstance(a, bool) and abs(a) > 10**20
+                shown = f"an int of {len(str(abs(a)))} digits" if huge else repr(a)
+                problems.append(f"{name} must be a positive finite number, got {shown}")
         for field_name, patterns in (
             ("rank_pattern", self.rank_pattern),
             ("alpha_pattern", self.alpha_pattern),
@@ -267,6 +274,15 @@ def matches_target(
             if match:
                 break
     return match is not None and int(match.group("idx")) in layers_to_transform
+
+
+def _is_positive_finite(a) -> bool:
+    if isinstance(a, bool) or not isinstance(a, int | float):
+        return False
+    try:
+        return 0 < float(a) < math.inf  # an int beyond a float's range cannot scale
+    except OverflowError:
+        return False
 
 
 def _listed(module_name: str, names: tuple[str, ...] | str | None) -> bool:

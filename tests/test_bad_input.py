@@ -460,3 +460,26 @@ def test_vmap_over_the_batch_takes_per_example_mappings():
     base = nnx.merge(graphdef, params)(x)
     assert not np.allclose(want[0], base[0]) and np.allclose(want[1], base[1])
     np.testing.assert_allclose(vmapped_inside(params, state.banks, per_example, x), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("field", ["use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"])
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, []])
+def test_flags_must_be_json_booleans(adapter, field, value):
+    edit_config(adapter, **{field: value})
+    expect(AdapterConfigError, adapter, "adapter_config.json", repr(field), "true or false")
+
+
+def test_flags_take_true_false_and_null(adapter):
+    edit_config(adapter, use_rslora=None, fan_in_fan_out=False)
+    scaling = jlora.load_adapter(adapter).get_lora(MODULE).scaling
+    edit_config(adapter, use_rslora=True)
+    assert jlora.load_adapter(adapter).get_lora(MODULE).scaling == pytest.approx(scaling * 8**0.5)
+
+
+@pytest.mark.parametrize("field", ["lora_alpha", "alpha_pattern"])
+def test_an_int_alpha_too_large_for_a_float_is_refused(adapter, field):
+    if field == "lora_alpha":
+        edit_config(adapter, lora_alpha=10**400)
+    else:
+        edit_config(adapter, alpha_pattern={"q_proj": 10**400})
+    expect(AdapterConfigError, adapter, "adapter_config.json", field, "positive finite number")
