@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from jlora.config import LoRAConfig
+from jlora.config import LoRAConfig, is_int
 from jlora.errors import (
     AdapterConfigError,
     AdapterMismatchError,
     AdapterWeightsError,
+    LoRAConfigError,
     UnsafeFormatError,
 )
 from jlora.hostio import count_nonfinite, read_ranges_checked
@@ -40,6 +41,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 PREFIX = "base_model.model."
 FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
+# What ``load_adapter(dtype=...)`` casts to: the stored dtypes, which banks and checkpoints hold.
+LOAD_DTYPES = tuple(jnp.dtype(d) for d in (np.float16, jnp.bfloat16, np.float32, np.float64))
 
 # base_model.model.<module>.lora_A.weight  /  <module>.lora_embedding_A  / <module>.lora_B.bias
 # (an optional ".<adapter_name>" before ".weight" appears in files saved by hand from state dicts)
@@ -84,19 +87,27 @@ def load_adapter(
 
     Args:
       path: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
-      adapter_id: id >= 1; default: stable hash of the absolute path.
+      adapter_id: an int >= 1 (Python or NumPy); default: stable hash of the absolute path.
       name: default: the directory's base name.
       config: serving limits to check against (max_lora_rank, bias_enabled); its
         target_modules select the model's layers (``jlora.apply``), and whether this adapter's
         modules are among them is checked where it enters a slot bank (``jlora.manager``).
-      dtype: dtype of the converted arrays; default ``config.lora_dtype``; "auto" (or no
-        config) keeps each tensor's stored dtype.
+      dtype: dtype of the converted arrays (float16, bfloat16, float32 or float64); default
+        ``config.lora_dtype``; "auto" (or no config) keeps each tensor's stored dtype.
 
     Raises:
-      AdapterConfigError, AdapterWeightsError (UnsafeFormatError for pickles),
+      LoRAConfigError (a bad adapter_id), AdapterConfigError, AdapterWeightsError
+      (UnsafeFormatError for pickles),
       AdapterMismatchError: each naming the file or module and the fix.
     """
     path = os.fspath(path)
+    if adapter_id is not None:
+        if not is_int(adapter_id) or adapter_id < 1:
+            raise LoRAConfigError(
+                f"{path}: adapter_id must be an int >= 1 (0 is the base model), got "
+                f"{adapter_id!r}; or leave it out for a stable id from the path"
+            )
+        adapter_id = int(adapter_id)
     if os.path.isfile(path) and path.endswith((".bin", ".pt", ".pth", ".pkl")):
         raise UnsafeFormatError(f"{path}: a pickle-based file. {CONVERT_HINT}")
     if not os.path.isdir(path):
@@ -117,12 +128,17 @@ def load_adapter(
         raise AdapterWeightsError(f"{weights_file}: empty file; re-save the adapter")
     if dtype is None and config is not None:
         dtype = config.lora_dtype
-    try:
-        target_dtype = None if dtype in (None, "auto") else jnp.dtype(dtype)
-    except TypeError:
+    target_dtype = None
+    if not _is_auto(dtype):
+        try:
+            target_dtype = jnp.dtype(dtype)
+        except (TypeError, ValueError):
+            pass  # not a dtype at all: refused below
+    if not _is_auto(dtype) and (target_dtype is None or target_dtype not in LOAD_DTYPES):
         raise AdapterConfigError(
-            f"{path}: dtype={dtype!r} is not a dtype; pass e.g. 'float32', 'bfloat16' or 'auto'"
-        ) from None
+            f"{path}: dtype={dtype!r} is not a dtype LoRA weights load in; pass one of "
+            f"{', '.join(d.name for d in LOAD_DTYPES)}, or 'auto' to keep the stored one"
+        )
 
     try:
         with safe_open(weights_file, framework="numpy") as f:  # validates the header
@@ -148,6 +164,10 @@ def load_adapter(
         name=name or os.path.basename(os.path.normpath(path)),
         path=path,
     )
+
+
+def _is_auto(dtype) -> bool:
+    return dtype is None or (isinstance(dtype, str) and dtype == "auto")
 
 
 def _read_header(file: str) -> tuple[dict, int]:

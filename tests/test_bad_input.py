@@ -5,6 +5,7 @@ import shutil
 import struct
 import tracemalloc
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ADAPTERS_DIR
@@ -483,3 +484,26 @@ def test_an_int_alpha_too_large_for_a_float_is_refused(adapter, field):
     else:
         edit_config(adapter, alpha_pattern={"q_proj": 10**400})
     expect(AdapterConfigError, adapter, "adapter_config.json", field, "positive finite number")
+
+
+@pytest.mark.parametrize(
+    "dtype", ["int8", "bool", "complex64", "float8_e4m3fn", np.int32, jnp.float8_e5m2]
+)
+def test_dtype_argument_must_be_a_float_dtype_banks_hold(adapter, dtype):
+    expect(AdapterConfigError, adapter, "dtype=", "float16, bfloat16, float32", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", np.float32, jnp.bfloat16, "float64", "auto", None])
+def test_dtype_argument_takes_the_float_dtypes(adapter, dtype):
+    got = jlora.load_adapter(adapter, dtype=dtype).get_lora(MODULE).lora_a.dtype
+    assert got == (np.float32 if dtype in ("auto", None) else np.dtype(dtype))
+
+
+@pytest.mark.parametrize("adapter_id", [0, -3, True, 2.5, "7", np.bool_(True), np.int64(0)])
+def test_adapter_id_must_be_an_int_from_one(adapter, adapter_id):
+    expect(LoRAConfigError, adapter, "adapter_id", repr(adapter_id), adapter_id=adapter_id)
+
+
+def test_a_numpy_adapter_id_becomes_an_int(adapter):
+    model = jlora.load_adapter(adapter, adapter_id=np.int64(5))
+    assert type(model.id) is int and model.id == 5
