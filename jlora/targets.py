@@ -89,6 +89,7 @@ def split_packed(y: jax.Array, widths: Sequence[int], groups: int = 1) -> list[j
     >>> [s.tolist() for s in split_packed(y, (3, 3), groups=3)]
     [[0, 2, 4], [1, 3, 5]]
     """
+    groups = _check_groups("split_packed", groups)
     if sum(widths) != y.shape[-1] or any(w % groups for w in widths):
         raise AdapterMismatchError(
             f"split_packed: slice widths {tuple(widths)} must add up to the {y.shape[-1]} "
@@ -104,6 +105,7 @@ def split_packed(y: jax.Array, widths: Sequence[int], groups: int = 1) -> list[j
 
 def join_packed(parts: Sequence[jax.Array], groups: int = 1) -> jax.Array:
     """The inverse of ``split_packed``: slices (last axis) into one packed output."""
+    groups = _check_groups("join_packed", groups)
     if len(parts) == 1:
         return parts[0]
     if groups == 1:
@@ -111,3 +113,12 @@ def join_packed(parts: Sequence[jax.Array], groups: int = 1) -> jax.Array:
     lead = parts[0].shape[:-1]
     grouped = [p.reshape(*lead, groups, p.shape[-1] // groups) for p in parts]
     return jnp.concatenate(grouped, axis=-1).reshape(*lead, -1)
+
+
+def _check_groups(where: str, groups) -> int:
+    if not (is_int(groups) and groups >= 1):
+        raise AdapterMismatchError(
+            f"{where}: groups={groups!r} must be an int >= 1 (the number of column groups of "
+            "the packed layer, TargetModule.groups)"
+        )
+    return int(groups)

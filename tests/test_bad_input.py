@@ -507,3 +507,23 @@ def test_adapter_id_must_be_an_int_from_one(adapter, adapter_id):
 def test_a_numpy_adapter_id_becomes_an_int(adapter):
     model = jlora.load_adapter(adapter, adapter_id=np.int64(5))
     assert type(model.id) is int and model.id == 5
+
+
+@pytest.mark.parametrize("groups", [0, -1, 2.0, True, "2", None])
+def test_split_and_join_packed_need_an_int_groups_from_one(groups):
+    from jlora.targets import join_packed, split_packed
+
+    y = jnp.arange(12.0).reshape(2, 6)
+    with pytest.raises(AdapterMismatchError, match=rf"groups={groups!r} must be an int >= 1"):
+        split_packed(y, (3, 3), groups=groups)
+    with pytest.raises(AdapterMismatchError, match=rf"groups={groups!r} must be an int >= 1"):
+        join_packed([y[:, :3], y[:, 3:]], groups=groups)
+
+
+def test_split_packed_takes_numpy_int_groups():
+    from jlora.targets import join_packed, split_packed
+
+    y = jnp.arange(12.0).reshape(2, 6)
+    parts = split_packed(y, (4, 2), groups=np.int64(2))
+    assert [p.shape for p in parts] == [(2, 4), (2, 2)]
+    np.testing.assert_array_equal(join_packed(parts, groups=np.int64(2)), y)
