@@ -47,10 +47,12 @@ class SamplingParams:
     def __post_init__(self):
         problems = []
         stops = self.stop_token_ids
-        if isinstance(stops, int | str | bytes) or not all(is_int(t) for t in _iter(stops)):
-            problems.append(f"stop_token_ids must be a sequence of ints, got {stops!r}")
+        # Listed once: a generator or iterator given here would be empty on a second pass.
+        items = [None] if isinstance(stops, int | str | bytes) else _iter(stops)
+        if not all(is_int(t) and t >= 0 for t in items):
+            problems.append(f"stop_token_ids must be a sequence of ints >= 0, got {stops!r}")
         else:
-            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in items))
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             problems.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
@@ -61,6 +63,13 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**32):
             problems.append(f"seed must be None or an int in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.logprobs, bool | np.bool_):
+            problems.append(
+                f"logprobs must be True or False (the sampled token's log-probability), "
+                f"got {self.logprobs!r}"
+            )
+        else:
+            object.__setattr__(self, "logprobs", bool(self.logprobs))
         if problems:
             raise LoRAConfigError("Invalid SamplingParams: " + "; ".join(problems))
 

@@ -103,12 +103,23 @@ def test_top_k_and_top_p_together_keep_their_intersection():
         dict(seed=1.5),
         dict(stop_token_ids=5),
         dict(stop_token_ids=("a",)),
+        dict(stop_token_ids=(-3,)),
+        dict(stop_token_ids=(True,)),
+        dict(logprobs=5),
+        dict(logprobs="yes"),
     ],
     ids=str,
 )
 def test_bad_params(kwargs):
     with pytest.raises(LoRAConfigError):
         SamplingParams(**kwargs)
+
+
+def test_stop_token_ids_take_any_iterable_once():
+    # A generator is consumed by validation; the stored tuple must still hold its ids.
+    assert SamplingParams(stop_token_ids=(t for t in (3, 5))).stop_token_ids == (3, 5)
+    assert SamplingParams(stop_token_ids=iter([np.int64(9)])).stop_token_ids == (9,)
+    assert SamplingParams(stop_token_ids=[]).stop_token_ids == ()
 
 
 def test_seed_defaults_to_none_and_takes_numpy_ints():
