@@ -21,7 +21,9 @@ nothing (see ``jlora.models.llama``). Imports jlora modules only.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import functools
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,7 +37,7 @@ from jlora import manager
 from jlora.apply import apply, find_targets
 from jlora.config import LoRAConfig, is_int
 from jlora.context import lora_context, padded_batch_mapping
-from jlora.errors import CapacityError, LoRAConfigError
+from jlora.errors import CapacityError, EngineBusyError, LoRAConfigError
 from jlora.mapping import token_bucket
 from jlora.models.llama import KVCache
 from jlora.request import LoRARequest
@@ -162,15 +164,35 @@ class Engine:
         )
         self.stats = EngineStats()
         self._seeds = np.random.default_rng()  # for requests without a seed of their own
+        # Held by generate() and by adapter changes: a change made while generate() runs (from
+        # on_token or another thread) would free a slot that its rows' mapping still reads.
+        self._busy = threading.Lock()
 
     # Adapters ------------------------------------------------------------------------------
 
     def add_lora(self, request: LoRARequest) -> None:
-        """Registers an adapter (loaded now into the host cache, later into a slot on demand)."""
-        self.state = manager.add_adapter(self.state, request)
+        """Registers an adapter (loaded now into the host cache, later into a slot on demand).
+        Raises ``EngineBusyError`` while a ``generate`` call is running."""
+        with self._exclusive("add_lora"):
+            self.state = manager.add_adapter(self.state, request)
 
     def remove_lora(self, adapter_id: int) -> None:
-        self.state = manager.remove_adapter(self.state, adapter_id)
+        """Forgets an adapter (its slot is freed). Raises ``EngineBusyError`` while a
+        ``generate`` call is running."""
+        with self._exclusive("remove_lora"):
+            self.state = manager.remove_adapter(self.state, adapter_id)
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusyError(
+                f"Engine.{what} was called while a generate() call is running (from on_token or "
+                "another thread); call it between generate() calls"
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def list_loras(self) -> tuple[manager.AdapterInfo, ...]:
         return manager.list_adapters(self.state)
@@ -181,7 +203,8 @@ class Engine:
         bucket, and the adapter manager's slot writers. Returns the seconds it took. Serving
         loops call it once, before traffic."""
         start = time.perf_counter()
-        self.state = manager.warmup(self.state)
+        with self._exclusive("warmup"):
+            self.state = manager.warmup(self.state)
         servable = [n for n in prompt_lengths if n < self.max_seq_len]  # others are refused
         for bucket in sorted({self._bucket(n) for n in servable}):
             # The bucket's shortest prompt, so that its new tokens (2: a decode step) fit.
@@ -208,9 +231,23 @@ class Engine:
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt; request ``i`` uses adapter ``lora_requests[i]`` (None =
-        the base model). ``on_token(i, token)`` is called as each token is accepted (streaming).
+        the base model). ``on_token(i, token)`` is called as each token is accepted (streaming);
+        it must not change the engine's adapters or call ``generate`` (``EngineBusyError``).
+
+        Every request is checked before any is served: a bad prompt, parameter or adapter, or an
+        adapter that cannot get a slot because pinned adapters hold them all, raises at once
+        and registers nothing.
         """
+        with self._exclusive("generate"):
+            return self._generate(prompts, lora_requests, sampling_params, on_token)
+
+    def _generate(self, prompts, lora_requests, sampling_params, on_token) -> list[RequestOutput]:
         n = len(prompts)
+        if isinstance(lora_requests, LoRARequest):
+            raise LoRAConfigError(
+                "lora_requests must be a sequence with one LoRARequest or None per prompt, got "
+                "a single LoRARequest; pass [request] * len(prompts) to use it for all of them"
+            )
         lora_requests = [None] * n if lora_requests is None else list(lora_requests)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             sampling_params = [sampling_params or SamplingParams()] * n
@@ -223,11 +260,20 @@ class Engine:
             self._new_seq(i, *args)
             for i, args in enumerate(zip(prompts, lora_requests, sampling_params, strict=True))
         ]
+        requests = [r for r in lora_requests if r is not None]
+        manager.check_requests(self.state, requests)  # a known id for another adapter
+        pinned = self.state.pinned
+        if len(pinned) >= self.config.max_loras:
+            blocked = sorted({r.adapter_id for r in requests} - pinned)
+            if blocked:
+                raise CapacityError(
+                    f"requests for adapters {blocked} cannot run: all max_loras="
+                    f"{self.config.max_loras} slots are pinned by {sorted(pinned)}; unpin one "
+                    "(or raise max_loras)"
+                )
         # Every new adapter is loaded now, in one operation: a bad one fails before serving and
         # registers none of them.
-        unseen = [
-            r for r in lora_requests if r is not None and not self.state.is_known(r.adapter_id)
-        ]
+        unseen = [r for r in requests if not self.state.is_known(r.adapter_id)]
         if unseen:
             self.state = manager.add_adapters(self.state, unseen)
 
@@ -243,12 +289,8 @@ class Engine:
         requests_by_id = {r.adapter_id: r for r in lora_requests if r is not None}
         while waiting or any(rows):
             admitted = self._admit(waiting, rows)
-            if not admitted and not any(rows):
-                raise CapacityError(
-                    f"requests for adapters {sorted({q.adapter_id for q in waiting})} cannot run: "
-                    f"all max_loras={self.config.max_loras} slots are pinned by "
-                    f"{sorted(self.state.pinned)}; unpin one (or raise max_loras)"
-                )
+            if not admitted and not any(rows):  # ruled out by the pinned check above
+                raise RuntimeError(f"jlora bug: no waiting request fits the free slots ({waiting})")
             row_adapters = [s.adapter_id if s else BASE for s in rows]
             self.state, decode_mapping = manager.prepare_batch(
                 self.state,
@@ -281,6 +323,11 @@ class Engine:
         prompt = prompt.astype(np.int32)
         if params is None or not isinstance(params, SamplingParams):
             raise LoRAConfigError(f"sampling_params[{i}] must be a SamplingParams")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise LoRAConfigError(
+                f"sampling_params[{i}].stop_token_ids {params.stop_token_ids} has ids outside "
+                f"[0, {vocab}), which no step can generate"
+            )
         if prompt.size + params.max_tokens > self.max_seq_len:
             raise LoRAConfigError(
                 f"prompt {i}: {prompt.size} prompt tokens + max_tokens={params.max_tokens} exceed "

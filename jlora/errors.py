@@ -46,6 +46,12 @@ class UnknownAdapterError(LoRAError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class EngineBusyError(LoRAError):
+    """An ``Engine`` was asked to change its adapters or to generate while one of its
+    ``generate`` calls was running (from an ``on_token`` callback or another thread); do it
+    between ``generate`` calls."""
+
+
 class CheckpointError(LoRAError):
     """A model or adapter checkpoint is missing or has mismatched tensors."""
 

@@ -380,6 +380,20 @@ def add_adapters(
     return plan.commit(donate)
 
 
+def check_requests(state: AdapterManagerState, requests: Sequence[LoRARequest]) -> None:
+    """Raises ``AdapterMismatchError`` if a request's id is registered for another adapter (name
+    or path), or two of ``requests`` give one id to different adapters. Loads nothing and
+    changes nothing: a serving loop calls it before it serves any of them."""
+    plan = _Plan(state)
+    for request in requests:
+        if not isinstance(request, LoRARequest):
+            raise TypeError(f"check_requests takes LoRARequests, got {type(request)}")
+        if plan.is_known(request.adapter_id):
+            plan._check_same_request(request)
+        else:
+            plan.requests[request.adapter_id] = request  # later duplicates must match it
+
+
 def remove_adapter(
     state: AdapterManagerState, adapter_id: int, *, donate: bool = True
 ) -> AdapterManagerState:
@@ -564,6 +578,9 @@ class _Plan:
 
     def slot_of(self, adapter_id: int) -> int | None:
         return self.slots.index(adapter_id) if adapter_id in self.slots[1:] else None
+
+    def is_known(self, adapter_id: int) -> bool:
+        return adapter_id in self.cache or adapter_id in self.requests
 
     def require_known(self, adapter_id: int) -> None:
         if not _is_id(adapter_id):

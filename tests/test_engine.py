@@ -2,6 +2,7 @@
 and generated alone; continuous batching with more adapters than slots; no recompiles."""
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,12 @@ def test_stop_tokens_and_streaming(engine):
         ([[1, 999]], {}, "outside"),
         ([[1] * 40], {"sampling_params": SamplingParams(max_tokens=20)}, "max_seq_len"),
         ([[1], [2]], {"lora_requests": [None]}, "one of each"),
+        (
+            [[1]],
+            {"lora_requests": jlora.LoRARequest(lora_name="a", lora_int_id=1, lora_path="a")},
+            "single",
+        ),
+        ([[1]], {"sampling_params": SamplingParams(stop_token_ids=(3, 999))}, "stop_token_ids"),
     ],
 )
 def test_bad_requests(engine, prompts, kwargs, fragment):
@@ -180,6 +187,60 @@ def test_slots_pinned_by_unused_adapters_raise_instead_of_waiting_forever(base_m
     engine.state = manager.pin_adapter(engine.state, a.adapter_id)
     engine.generate([[1, 2], [3, 4]], [a, b], SamplingParams(max_tokens=2))
     assert engine.stats.prefill_calls == 1
+
+
+def test_requests_that_cannot_run_fail_before_any_is_served(base_model, requests, tmp_path):
+    # Each bad request comes after servable ones that would take the rows first.
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16, max_cpu_loras=2)
+    engine = Engine(base_model, config, max_batch=2, max_seq_len=32)
+    a, b = requests[ADAPTERS[0]], requests[ADAPTERS[1]]
+    engine.add_lora(a)
+    other = jlora.LoRARequest(lora_name="other", lora_int_id=a.adapter_id, lora_path=b.path)
+    seen = []
+    with pytest.raises(jlora.AdapterMismatchError, match=f"adapter id {a.adapter_id} is"):
+        engine.generate([[1], [2], [3]], [None, None, other], on_token=lambda *t: seen.append(t))
+    engine.state = manager.pin_adapter(engine.state, a.adapter_id)
+    with pytest.raises(jlora.CapacityError, match=f"adapters \\[{b.adapter_id}\\] cannot run"):
+        engine.generate([[1], [2]], [None, b], on_token=lambda *t: seen.append(t))
+    assert seen == [] and [i.id for i in engine.list_loras()] == [a.adapter_id]
+
+
+def test_adapter_changes_while_generating_are_refused(base_model, requests):
+    engine = Engine(
+        base_model, jlora.LoRAConfig(max_loras=2, max_lora_rank=16), max_batch=2, max_seq_len=32
+    )
+    a, b = requests[ADAPTERS[0]], requests[ADAPTERS[1]]
+    engine.add_lora(a)
+    prompts, params = prompts_for(2, seed=5), SamplingParams(max_tokens=4)
+    want = engine.generate(prompts, [a, None], params)
+    # Freeing a's slot mid-call would run a's row on the base model: refused, from this thread
+    # (on_token) and from another one alike.
+    changes = {
+        "remove_lora": lambda: engine.remove_lora(a.adapter_id),
+        "add_lora": lambda: engine.add_lora(b),
+        "generate": lambda: engine.generate([[1]]),
+    }
+    for what, change in changes.items():
+        with pytest.raises(jlora.EngineBusyError, match=f"Engine.{what} was called while"):
+            engine.generate(prompts, [a, None], params, on_token=lambda i, t, f=change: f())
+        errors = []
+
+        def from_thread(i, t, change=change, errors=errors):
+            worker = threading.Thread(target=lambda: _record(errors, change))
+            worker.start()
+            worker.join()
+
+        engine.generate(prompts, [a, None], params, on_token=from_thread)
+        assert [type(e) for e in errors] == [jlora.EngineBusyError] * 8
+    assert [i.id for i in engine.list_loras()] == [a.adapter_id]
+    assert engine.generate(prompts, [a, None], params) == want
+
+
+def _record(errors, change):
+    try:
+        change()
+    except jlora.LoRAError as e:
+        errors.append(e)
 
 
 def test_warmup_fits_prompts_of_any_bucket_under_max_seq_len(base_model):
