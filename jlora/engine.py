@@ -20,8 +20,8 @@ nothing (see ``jlora.models.llama``). Imports jlora modules only.
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import functools
 import threading
 import time
