@@ -87,7 +87,9 @@ def load_from_disk(request: LoRARequest, config: LoRAConfig, dtype: np.dtype) ->
     other directory is read as a PEFT adapter with ``jlora.loader.load_adapter``."""
     from jlora import checkpoint, loader
 
-    if checkpoint.is_adapter_checkpoint(request.path):
+    # A checkpoint's item directory without its metadata is a broken checkpoint, not a PEFT
+    # folder: restore_adapter says so.
+    if os.path.isdir(os.path.join(request.path, checkpoint.META_ITEM)):
         model = checkpoint.restore_adapter(request.path)
     else:
         # No dtype: the loader keeps the stored one (or config.lora_dtype) and the manager's fit
@@ -95,7 +97,8 @@ def load_from_disk(request: LoRARequest, config: LoRAConfig, dtype: np.dtype) ->
         model = loader.load_adapter(
             request.path, adapter_id=request.adapter_id, name=request.name, config=config
         )
-    return model.replace(id=request.adapter_id, name=request.name)
+    # The path read, not the one a checkpoint recorded: the request's path is this copy's.
+    return model.replace(id=request.adapter_id, name=request.name, path=request.path)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -635,34 +638,49 @@ class _Plan:
         if not _is_id(model.id):
             raise AdapterMismatchError(f"adapter {model.name!r}: ids are ints >= 1, got {model.id}")
         existing = self.cache.get(model.id)
+        if existing is model:
+            return  # the same adapter again: no-op
+        fitted = _fit(self.layout, model, checked=False)
         if existing is not None:
-            if existing is model or _same_adapter(existing, _fit(self.layout, model)):
+            if not (differs := _difference(existing, fitted)):
                 return  # the same adapter again: no-op
             raise AdapterMismatchError(
-                f"adapter id {model.id} is already registered as {existing.name!r} with other "
-                f"weights than the {model.name!r} being added; give the new adapter its own id "
-                "or remove the old one first"
+                f"adapter id {model.id} is already registered as {existing.name!r}, and the "
+                f"{model.name!r} being added differs ({differs}); give the new adapter its own "
+                "id or remove the old one first"
             )
         request = self.requests.get(model.id)
-        if request is not None and (
-            model.name != request.name
-            or (model.path is not None and _norm(model.path) != _norm(request.path))
-        ):
-            raise AdapterMismatchError(
-                f"adapter id {model.id} is registered for {request.name!r} at {request.path}; "
-                f"{model.name!r} (path {model.path}) needs its own id"
-            )
-        self.insert(_fit(self.layout, model), protect)
+        if request is not None:
+            if model.name != request.name or (
+                model.path is not None and _norm(model.path) != _norm(request.path)
+            ):
+                raise AdapterMismatchError(
+                    f"adapter id {model.id} is registered for {request.name!r} at "
+                    f"{request.path}; {model.name!r} (path {model.path}) needs its own id"
+                )
+            # An eviction would reload the id from the request's path, so the model must be
+            # what is there: read it once to compare (only an evicted request gets here).
+            if differs := _difference(self.load(request), fitted):
+                raise AdapterMismatchError(
+                    f"adapter id {model.id} is registered for {request.name!r} at "
+                    f"{request.path}, and the {model.name!r} being added differs from what is "
+                    f"there ({differs}); give it its own id or remove the old one first"
+                )
+        self.insert(fitted, protect)
 
     def ensure_cached(self, adapter_id: int, protect: frozenset[int]) -> None:
         if adapter_id in self.cache:
             return
-        request = self.requests[adapter_id]
+        self.insert(self.load(self.requests[adapter_id]), protect)
+
+    def load(self, request: LoRARequest) -> LoRAModel:
+        """The adapter at ``request``'s path, through ``load_fn``, fitted to the banks."""
         model = self.layout.load_fn(request, self.layout.config, self.layout.dtype)
         if not isinstance(model, LoRAModel):
             raise TypeError(f"load_fn returned {type(model).__name__}, not a LoRAModel")
-        model = model.replace(id=adapter_id, name=request.name)
-        self.insert(_fit(self.layout, model), protect)
+        model = model.replace(id=request.adapter_id, name=request.name)
+        # jlora's own readers refuse NaN/Inf as they read; a custom load_fn is checked here.
+        return _fit(self.layout, model, checked=self.layout.load_fn is load_from_disk)
 
     def insert(self, model: LoRAModel, protect: frozenset[int]) -> None:
         capacity = self.layout.config.max_cpu_loras
@@ -784,8 +802,9 @@ class _Plan:
 # Fit checks and slot contents (host)
 
 
-def _fit(layout: _Layout, model: LoRAModel) -> LoRAModel:
-    """``model`` checked against the targets and converted to the bank dtype (host numpy)."""
+def _fit(layout: _Layout, model: LoRAModel, *, checked: bool) -> LoRAModel:
+    """``model`` checked against the targets and converted to the bank dtype (host numpy).
+    ``checked``: its values were already found finite (by the PEFT or checkpoint reader)."""
     seen: dict[tuple[int, int], str] = {}
     for name, weights in model.loras.items():
         for (i, j), layer in _placements(layout, model, name, weights):
@@ -822,6 +841,18 @@ def _fit(layout: _Layout, model: LoRAModel) -> LoRAModel:
                     "into the base model (jlora.merge_adapter) or serve one trained with "
                     "lora_bias=False"
                 )
+            for role in ("lora_a", "lora_b"):
+                x = getattr(layer, role)
+                if not jnp.issubdtype(x.dtype, jnp.floating):
+                    raise AdapterWeightsError(
+                        f"{where}: {role} is {np.dtype(x.dtype).name}; LoRA weights are floats "
+                        "(cast them, e.g. to float32, before adding the adapter)"
+                    )
+                if not checked and (bad := count_nonfinite(np.asarray(x))):
+                    raise AdapterWeightsError(
+                        f"{where}: {role} holds {bad} NaN/Inf values; the adapter is corrupt "
+                        "(re-export it from training)"
+                    )
     dtype = layout.dtype
     if all(_is_host_ready(x, dtype) for x in jax.tree.leaves(model)):
         return model
@@ -861,7 +892,15 @@ def _placements(layout: _Layout, model: LoRAModel, name: str, weights):
     """The ((target, slice), layer) pairs a module of ``model`` writes."""
     if isinstance(weights, PackedLoRALayerWeights):
         i = layout.by_name.get(name)
-        if i is not None and len(weights.slices) == len(layout.targets[i].out_dims):
+        if i is not None:
+            target = layout.targets[i]
+            if len(weights.slices) != len(target.out_dims):
+                raise AdapterMismatchError(
+                    f"adapter {model.name!r} (id {model.id}), packed module {name!r}: "
+                    f"{len(weights.slices)} slices, but target {target.name!r} has "
+                    f"{len(target.out_dims)} (widths {list(target.out_dims)}); give one "
+                    "slice, or None, per fused projection"
+                )
             return [((i, j), s) for j, s in enumerate(weights.slices) if s is not None]
     elif isinstance(weights, LoRALayerWeights):
         loc = layout.index.get(name)
@@ -892,26 +931,30 @@ def _is_host_ready(x, dtype: np.dtype) -> bool:
     )
 
 
-def _same_adapter(a: LoRAModel, b: LoRAModel) -> bool:
-    if a.name != b.name or list(a.loras) != list(b.loras):
-        return False
+def _difference(a: LoRAModel, b: LoRAModel) -> str:
+    """How adapter ``b`` differs from ``a`` ("" when it is the same adapter), for messages."""
+    if a.name != b.name:
+        return f"name {b.name!r}, not {a.name!r}"
+    if set(a.loras) != set(b.loras):  # PEFT files list modules in any order
+        extra, missing = sorted(set(b.loras) - set(a.loras)), sorted(set(a.loras) - set(b.loras))
+        return f"modules: {len(extra)} more ({extra[:2]}), {len(missing)} fewer ({missing[:2]})"
     for name, wa in a.loras.items():
         wb = b.loras[name]
         la = wa.slices if isinstance(wa, PackedLoRALayerWeights) else (wa,)
         lb = wb.slices if isinstance(wb, PackedLoRALayerWeights) else (wb,)
         if type(wa) is not type(wb) or len(la) != len(lb):
-            return False
+            return f"module {name!r} is packed differently"
         for x, y in zip(la, lb, strict=True):
             if (x is None) != (y is None):
-                return False
+                return f"module {name!r} targets other slices"
             if x is None:
                 continue
             if (x.scaling, x.is_embedding) != (y.scaling, y.is_embedding):
-                return False
+                return f"module {name!r}: scaling {y.scaling}, not {x.scaling}"
             for u, v in ((x.lora_a, y.lora_a), (x.lora_b, y.lora_b)):
                 if u.dtype != v.dtype or not np.array_equal(np.asarray(u), np.asarray(v)):
-                    return False
-    return True
+                    return f"module {name!r} has other weights"
+    return ""
 
 
 def _slot_values(layout: _Layout, model: LoRAModel):

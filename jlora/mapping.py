@@ -99,6 +99,8 @@ class LoRAMapping:
         lengths = np.asarray(seq_lengths)
         _check_int_vector("seq_slots", slots)
         _check_int_vector("seq_lengths", lengths)
+        # Checked above; an empty list is float64 to numpy, which np.repeat refuses.
+        slots, lengths = slots.astype(np.int64, copy=False), lengths.astype(np.int64, copy=False)
         if slots.shape != lengths.shape:
             raise MappingError(
                 f"seq_slots has {slots.size} entries but seq_lengths has {lengths.size}: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from safetensors.numpy import load_file
 import jlora
 from jlora import manager as M
 from jlora import reference
-from jlora.checkpoint import save_adapter
+from jlora.checkpoint import META_FILE, META_ITEM, save_adapter
 from jlora.errors import (
     AdapterMismatchError,
     AdapterWeightsError,
@@ -290,7 +291,7 @@ def test_peft_loads_take_the_torch_order_writer_and_fill_the_same_banks(name):
             for k, w in loaded.loras.items()
         }
     )
-    fitted = [M._fit(state.layout, m) for m in (loaded, copied)]
+    fitted = [M._fit(state.layout, m, checked=True) for m in (loaded, copied)]
     # (An adapter in another dtype than the banks is converted to contiguous arrays first.)
     same_dtype = next(iter(loaded.loras.values())).lora_a.dtype == state.dtype
     assert [M._slot_values(state.layout, m)[3] for m in fitted] == [same_dtype, False]
@@ -377,8 +378,23 @@ def test_mixed_batch_through_manager_matches_peft_outputs():
             },
             "slice 0 of target 'attn.qk' is also given by 'attn.q'",
         ),
+        (
+            lambda m: {
+                **m.loras,
+                "attn.qk": PackedLoRALayerWeights(slices=(m.loras["attn.q"], None, None)),
+            },
+            "packed module 'attn.qk': 3 slices, but target 'attn.qk' has 2",
+        ),
     ],
-    ids=["unknown-module", "wrong-dim", "rank", "embedding-kind", "bias", "duplicate-slice"],
+    ids=[
+        "unknown-module",
+        "wrong-dim",
+        "rank",
+        "embedding-kind",
+        "bias",
+        "duplicate-slice",
+        "slice-count",
+    ],
 )
 def test_adapter_that_does_not_fit_is_refused_with_module_named(bad, match):
     good = make_adapter(1)
@@ -483,6 +499,58 @@ def test_model_with_the_id_of_a_request_from_another_path_is_refused():
     assert_unchanged(state, snap)
     state = M.add_adapter(state, make_adapter(1, path="/mem/1"))  # the same file: fine
     assert 1 in state.cache
+
+
+def test_model_for_an_evicted_request_must_hold_what_its_path_holds():
+    disk = MemoryDisk({1: make_adapter(1, path="/mem/1")})
+    state = M.add_adapter(toy_state(load_fn=disk, max_loras=1, max_cpu_loras=1), disk.request(1))
+    state = M.add_adapter(state, make_adapter(2))  # 1 now known by its request only
+    snap = snapshot(state)
+    with pytest.raises(AdapterMismatchError, match="differs from what is there .*other weights"):
+        M.add_adapter(state, make_adapter(1, seed=99))  # no path: read /mem/1 to compare
+    assert_unchanged(state, snap)
+    state = M.add_adapter(state, make_adapter(1))  # the same weights, no path: fine
+    assert disk.loads == [1, 1, 1] and 1 in state.cache
+
+
+def test_same_adapter_with_modules_in_another_order_is_a_noop_and_a_new_name_is_named():
+    a = make_adapter(1)
+    state = M.add_adapter(toy_state(), a)
+    reordered = a.replace(loras=dict(reversed(a.loras.items())))
+    assert bookkeeping(M.add_adapter(state, reordered)) == bookkeeping(state)
+    with pytest.raises(AdapterMismatchError, match=r"differs \(name 'b', not 'a1'\)"):
+        M.add_adapter(state, a.replace(name="b"))
+
+
+def _with_value(model, module, role, value):
+    layer = model.loras[module]
+    x = getattr(layer, role).copy()
+    x.flat[3] = value
+    return model.replace(loras={**model.loras, module: layer.replace(**{role: x})})
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nonfinite_weights_from_a_model_or_a_custom_load_fn_are_refused(value):
+    bad = _with_value(make_adapter(1, path="/mem/1"), "attn.k", "lora_b", value)
+    state = M.add_adapter(toy_state(load_fn=MemoryDisk({1: bad})), make_adapter(2))
+    snap = snapshot(state)
+    match = "adapter 'a1' \\(id 1\\), module 'attn.k': lora_b holds 1 NaN/Inf values"
+    with pytest.raises(AdapterWeightsError, match=match):
+        M.add_adapter(state, bad)
+    with pytest.raises(AdapterWeightsError, match=match):
+        M.activate_adapter(state, MemoryDisk({1: bad}).request(1))
+    assert_unchanged(state, snap)
+
+
+def test_integer_weights_are_refused_with_the_module_named():
+    a = make_adapter(1)
+    layer = a.loras["mlp.down"]
+    bad = a.replace(
+        loras={**a.loras, "mlp.down": layer.replace(lora_a=layer.lora_a.astype(np.int32))}
+    )
+    for dtype in (jnp.float32, jnp.float16):  # float16 banks cast, which once hit jnp.finfo
+        with pytest.raises(AdapterWeightsError, match="module 'mlp.down': lora_a is int32"):
+            M.add_adapter(toy_state(dtype=dtype), bad)
 
 
 def test_cast_that_overflows_the_bank_dtype_is_refused_with_the_module_named():
@@ -607,6 +675,14 @@ def test_prepare_batch_maps_sequences_to_slots():
     assert mapping.token_slots.tolist()[:7] == [slot[2]] * 2 + [0] + [slot[3]] * 3 + [slot[2]]
     assert mapping.num_tokens == 16 and mapping.is_prefill is False
     assert state.lru[-2:] == (2, 3)
+
+
+def test_empty_batch_maps_nothing_and_changes_nothing():
+    state = M.add_adapter(toy_state(), make_adapter(1))
+    new, mapping = M.prepare_batch(state, [], [])
+    assert bookkeeping(new) == bookkeeping(state)
+    assert not np.asarray(mapping.token_slots).any() and not np.asarray(mapping.seq_slots).any()
+    assert np.asarray(mapping.slot_counts)[0] == mapping.num_tokens
 
 
 def test_batch_needing_more_adapters_than_slots_names_counts_and_splits():
@@ -771,3 +847,15 @@ def test_disk_tier_reloads_peft_directories_and_orbax_checkpoints(tmp_path):
         converted.loras["model.layers.0.self_attn.q_proj"].lora_a,
     )
     check_invariants(state, {2: converted})
+    # A restored model records the folder it was converted from; the disk tier's copy records
+    # the checkpoint it was read from, so a request naming that path is the same adapter.
+    assert converted.path != ckpt and state.cache[2].path == ckpt
+    assert M.add_adapter(state, r2).cache[2] is state.cache[2]
+
+
+def test_disk_tier_names_a_checkpoint_without_its_metadata(tmp_path):
+    ckpt = save_adapter(make_adapter(1), tmp_path / "c")
+    os.remove(os.path.join(ckpt, META_ITEM, META_FILE))
+    request = LoRARequest(lora_name="a1", lora_int_id=1, lora_path=ckpt)
+    with pytest.raises(jlora.CheckpointError, match="missing; the checkpoint is incomplete"):
+        M.add_adapter(toy_state(), request)
