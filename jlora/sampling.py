@@ -125,13 +125,13 @@ def _draw(logits, temperature, top_k, top_p, seeds, steps) -> jax.Array:
 
 def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """bool ``[B, V]``: the tokens each row's top-k and top-p keep (all of them when both are
-    off)."""
+    off). As in vLLM and HF, top-p measures the mass of the top-k set renormalized."""
     batch, vocab = scaled.shape
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(vocab)[None, :]
     k = jnp.where(top_k > 0, top_k, vocab)[:, None]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    probs = jax.nn.softmax(jnp.where(rank < k, sorted_logits, -jnp.inf), axis=-1)
     # Keep a token while the mass before it is below top_p: the top token always survives.
     # top_p = 1 keeps everything, also where rounding lets the running mass reach 1.
     mass_before = jnp.cumsum(probs, axis=-1) - probs

@@ -76,12 +76,16 @@ def test_untruncated_row_ignores_batch_mates_that_truncate(rng):
         assert int(mixed[2]) == int(alone[0])
 
 
-def test_top_k_and_top_p_together_keep_their_intersection():
-    probs = np.array([[0.4, 0.25, 0.2, 0.1, 0.05]] * 300, np.float32)
-    tokens, _ = run(np.log(probs), temperature=1.0, top_k=3, top_p=0.5, seeds=np.arange(300))
-    assert set(np.asarray(tokens).tolist()) == {0, 1}  # top-p keeps {0, 1}, top-k {0, 1, 2}
-    tokens, _ = run(np.log(probs), temperature=1.0, top_k=2, top_p=0.9, seeds=np.arange(300))
-    assert set(np.asarray(tokens).tolist()) == {0, 1}  # top-k keeps {0, 1}, top-p {0, .., 3}
+def test_top_p_measures_the_renormalized_top_k_set_as_vllm_does():
+    probs = np.array([[0.45, 0.35, 0.1, 0.1]] * 300, np.float32)
+    # Top-2 renormalized is (0.5625, 0.4375): token 1 starts past 0.55, so only token 0 stays
+    # (on the full distribution it starts at 0.45 and would stay).
+    tokens, _ = run(np.log(probs), temperature=1.0, top_k=2, top_p=0.55, seeds=np.arange(300))
+    assert set(np.asarray(tokens).tolist()) == {0}
+    tokens, _ = run(np.log(probs), temperature=1.0, top_k=2, top_p=0.6, seeds=np.arange(300))
+    assert set(np.asarray(tokens).tolist()) == {0, 1}
+    tokens, _ = run(np.log(probs), temperature=1.0, top_k=3, top_p=0.99, seeds=np.arange(300))
+    assert set(np.asarray(tokens).tolist()) == {0, 1, 2}  # top-k bounds top-p
 
 
 @pytest.mark.parametrize(
