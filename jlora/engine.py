@@ -124,7 +124,8 @@ class Engine:
         ``jlora.apply``.
       lora_config: slots, ranks, host cache size, target modules.
       max_batch: decode rows (requests in flight at once).
-      max_seq_len: prompt plus generated tokens, per request.
+      max_seq_len: prompt plus generated tokens, per request; at most the model's
+        ``max_position_embeddings``.
 
     >>> # engine = Engine(model, LoRAConfig(max_loras=4, max_lora_rank=16))
     >>> # engine.add_lora(LoRARequest(lora_name="sql", lora_int_id=1, lora_path=path))
@@ -153,6 +154,15 @@ class Engine:
             model = apply(model, lora_config)
         self.model = model
         model_config = model.config
+        limit = getattr(model_config, "max_position_embeddings", None)
+        if limit is not None and max_seq_len > limit:
+            # As vLLM refuses a max_model_len past it: RoPE would run, silently, at positions
+            # the model never saw in training.
+            raise LoRAConfigError(
+                f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={limit}; "
+                "lower max_seq_len, or raise max_position_embeddings in the model's config if "
+                "its RoPE scaling supports longer sequences"
+            )
         self.state = manager.init_state(lora_config, find_targets(model), dtype=model_config.dtype)
         graphdef, self._params = nnx.split(model)
         self._cache = KVCache.zeros(model_config, batch_size=max_batch, max_len=max_seq_len)

@@ -164,7 +164,14 @@ def test_bad_requests(engine, prompts, kwargs, fragment):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(max_batch=2.0), dict(max_batch=3), dict(max_seq_len=-4), dict(max_seq_len=16)]
+    "kwargs",
+    [
+        dict(max_batch=2.0),
+        dict(max_batch=3),
+        dict(max_seq_len=-4),
+        dict(max_seq_len=16),
+        dict(max_seq_len=129),  # the fixture's max_position_embeddings is 128
+    ],
 )
 def test_bad_engine_settings(base_model, kwargs):
     with pytest.raises(jlora.LoRAConfigError, match=next(iter(kwargs))):
