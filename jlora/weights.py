@@ -70,6 +70,14 @@ class LoRALayerWeights:
     is_embedding: bool = struct.field(pytree_node=False, default=False)
 
     def __post_init__(self):
+        scaling = self.scaling
+        if isinstance(scaling, bool) or not (
+            isinstance(scaling, int | float | np.integer | np.floating) and math.isfinite(scaling)
+        ):
+            # It multiplies every output of the module: an Inf or NaN here poisons all of them.
+            raise AdapterWeightsError(
+                f"module {self.module_name!r}: scaling must be a finite number, got {scaling!r}"
+            )
         if not _has_shape(self.lora_a, self.lora_b):
             return
         a, b = self.lora_a, self.lora_b

@@ -69,6 +69,12 @@ class TestWeights:
         with pytest.raises(AdapterWeightsError, match="bias"):
             LoRALayerWeights(lora_a=np.ones((4, 3)), lora_b=np.ones((3, 5)), bias=np.ones(4))
 
+    @pytest.mark.parametrize("scaling", [np.inf, -np.inf, np.nan, None, "2", True])
+    def test_layer_rejects_a_scaling_that_is_not_a_finite_number(self, rng, scaling):
+        with pytest.raises(AdapterWeightsError, match="'m': scaling must be a finite number"):
+            layer(rng, scaling=scaling)
+        assert layer(rng, scaling=np.float32(0.5)).scaling == 0.5  # numpy scalars are fine
+
     def test_layer_is_pytree(self, rng):
         w = layer(rng)
         leaves, tree = jax.tree_util.tree_flatten(w)
