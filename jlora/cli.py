@@ -21,6 +21,10 @@ from jlora.checkpoint import META_ITEM, is_adapter_checkpoint, restore_adapter
 from jlora.peft import PEFTConfig
 from jlora.weights import PackedLoRALayerWeights
 
+# inspect and convert read the files, not what a server allows: any rank, and a LoRA bias
+# (PEFT lora_bias=True: for jlora.merge_adapter; slot banks do not serve it) is kept.
+FILE_LIMITS = jlora.LoRAConfig(max_lora_rank=sys.maxsize, bias_enabled=True)
+
 
 def adapter_summary(path: str | os.PathLike) -> dict:
     """Validates and loads the adapter at ``path`` (a PEFT directory or a jlora checkpoint);
@@ -29,19 +33,10 @@ def adapter_summary(path: str | os.PathLike) -> dict:
     if is_adapter_checkpoint(path) or os.path.isdir(os.path.join(path, META_ITEM)):
         model, alpha, rslora = restore_adapter(path), "-", "-"
     else:
-        model = jlora.load_adapter(path)
+        model = jlora.load_adapter(path, config=FILE_LIMITS)
         peft = PEFTConfig.from_dir(path)
         alpha, rslora = peft.lora_alpha, peft.use_rslora
-    # A packed module (a fused qkv_proj) counts as the PEFT modules of its slices.
-    layers = [
-        (name, w)
-        for key, weights in model.loras.items()
-        for name, w in (
-            [(s.module_name or key, s) for s in weights.slices if s is not None]
-            if isinstance(weights, PackedLoRALayerWeights)
-            else [(key, weights)]
-        )
-    ]
+    layers = _named_layers(model)
     scalings = sorted({round(w.scaling, 4) for _, w in layers})
     suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in layers})
     return {
@@ -55,7 +50,21 @@ def adapter_summary(path: str | os.PathLike) -> dict:
         "bytes": model.num_bytes,
         "dtype": "/".join(sorted({str(w.lora_a.dtype) for _, w in layers})) or "-",
         "rslora": rslora,
+        "lora_bias": any(w.bias is not None for _, w in layers),
     }
+
+
+def _named_layers(model) -> list[tuple[str, jlora.LoRALayerWeights]]:
+    # A packed module (a fused qkv_proj) counts as the PEFT modules of its slices.
+    return [
+        (name, w)
+        for key, weights in model.loras.items()
+        for name, w in (
+            [(s.module_name or key, s) for s in weights.slices if s is not None]
+            if isinstance(weights, PackedLoRALayerWeights)
+            else [(key, weights)]
+        )
+    ]
 
 
 def print_table(rows: list[dict], out=None) -> None:
@@ -293,12 +302,14 @@ def cmd_convert(args) -> int:
         )
         return 2
     try:
-        model = jlora.load_adapter(args.path)
+        model = jlora.load_adapter(args.path, config=FILE_LIMITS)
         out = save_adapter(model, args.out, overwrite=args.overwrite)
     except (jlora.LoRAError, OSError) as e:  # OSError: an output path that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"converted {args.path} -> {out} ({model.num_parameters:,} parameters)")
+    if any(w.bias is not None for _, w in _named_layers(model)):
+        print("note: it carries a LoRA bias: jlora.merge_adapter takes it; slots do not serve it")
     return 0
 
 

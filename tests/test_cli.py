@@ -170,3 +170,27 @@ def test_inspect_an_incomplete_checkpoint_is_an_error_line(capsys, tmp_path):
     assert cli.main(["inspect", str(tmp_path / "broken")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and str(tmp_path / "broken" / META_ITEM / "metadata") in err
+
+
+def test_inspect_and_convert_take_any_rank_and_keep_a_lora_bias(capsys, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from jlora.synthetic import write_peft_adapter
+
+    src = write_peft_adapter(tmp_path / "biased", {"model.layers.0.mlp.down_proj": (6, 5)}, r=40)
+    weights = tmp_path / "biased" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_B"
+    tensors[f"{key}.bias"] = np.linspace(-1, 1, 5, dtype=np.float32)
+    save_file(tensors, weights)
+    config_file = tmp_path / "biased" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "lora_bias": True}))
+    with pytest.raises(jlora.AdapterConfigError, match="bias_enabled=True"):
+        jlora.load_adapter(src)  # a server's default refuses it ...
+    assert cli.main(["inspect", src]) == 0  # ... the CLI reads the files as they are
+    header, row = (line.split() for line in capsys.readouterr().out.splitlines()[::2])
+    assert dict(zip(header, row, strict=True))["lora_bias"] == "True" and "40" in row
+    assert cli.main(["convert", src, str(tmp_path / "ckpt")]) == 0
+    assert "carries a LoRA bias" in capsys.readouterr().out
+    layer = restore_adapter(tmp_path / "ckpt")["model.layers.0.mlp.down_proj"]
+    np.testing.assert_array_equal(layer.bias, tensors[f"{key}.bias"])
