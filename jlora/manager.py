@@ -1024,11 +1024,12 @@ def _zero_slice(rank: int, in_dim: int, out: int, dtype: np.dtype, torch_order: 
 
 def _is_transposed_view(x, dtype: np.dtype) -> bool:
     flags = getattr(x, "flags", None)
+    # A rank-1 [in, 1] or [1, out] is C- and F-contiguous at once: its transpose is free too.
     return (
         isinstance(x, np.ndarray)
         and x.dtype == dtype
         and flags.f_contiguous
-        and not flags.c_contiguous
+        and (not flags.c_contiguous or 1 in x.shape)
     )
 
 

@@ -435,6 +435,25 @@ def test_transposed_views_are_cached_without_a_copy_and_written_correctly():
     check_invariants(M.activate_adapter(state, 1), {1: a})
 
 
+def test_rank_one_transposed_views_take_the_torch_order_writer():
+    # [in, 1] and [1, out] are C- and F-contiguous at once; they once took the slower writer.
+    a = make_adapter(1, rank=1)
+    views = a.replace(
+        loras={
+            k: w.replace(
+                lora_a=np.ascontiguousarray(w.lora_a.T).T,
+                lora_b=np.ascontiguousarray(w.lora_b.T).T,
+            )
+            for k, w in a.loras.items()
+        }
+    )
+    state = M.add_adapter(toy_state(), views)
+    assert M._slot_values(state.layout, state.cache[1])[3] is True
+    check_invariants(M.activate_adapter(state, 1), {1: a})
+    plain = M.add_adapter(toy_state(), make_adapter(2, rank=1))  # C-ordered: same banks
+    check_invariants(M.activate_adapter(plain, 2), {2: make_adapter(2, rank=1)})
+
+
 def test_dtype_is_converted_on_add_and_fp32_adapter_fits_bf16_banks():
     state = M.add_adapter(toy_state(dtype=jnp.bfloat16), make_adapter(1))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.cache[1]))

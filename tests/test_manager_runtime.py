@@ -40,9 +40,9 @@ def test_fifty_steps_of_churn_compile_once_per_bucket():
         }
     )
     state = toy_state(max_loras=3, max_cpu_loras=4, load_fn=disk)
-    # Compile the slot writer and the slot clearer for this layout before counting.
-    warm = M.add_adapter(toy_state(max_loras=3, max_cpu_loras=4), disk.models[1])
-    M.deactivate_adapter(M.activate_adapter(warm, 1), 1)
+    # Compile the slot writers (both source orders: rank-1 adapters take PyTorch's) and the
+    # slot clearer for this layout before counting.
+    M.warmup(toy_state(max_loras=3, max_cpu_loras=4))
     writers = (M._WRITE[True]._cache_size(), M._CLEAR[True]._cache_size())
 
     seen, steps = set(), 0
