@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import ops
+from jlora.config import is_int
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
 from jlora.mapping import LoRAMapping
 from jlora.targets import TargetModule
@@ -54,6 +55,8 @@ class LoRAContext:
     banks: Mapping[str, tuple[LoRABank, ...]]
     mapping: LoRAMapping
     impl: str = "auto"
+    # Names of the banks a wrapped layer has read (filled while the context is active).
+    read: set[str] = dataclasses.field(default_factory=set, compare=False, repr=False)
 
 
 _ACTIVE: contextvars.ContextVar[LoRAContext | None] = contextvars.ContextVar(
@@ -63,7 +66,7 @@ _ACTIVE: contextvars.ContextVar[LoRAContext | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def lora_context(
-    banks: Banks, mapping: LoRAMapping, *, impl: str = "auto"
+    banks: Banks, mapping: LoRAMapping, *, impl: str = "auto", strict: bool = True
 ) -> Iterator[LoRAContext]:
     """Makes ``banks`` and ``mapping`` the LoRA state of every wrapped layer called inside.
 
@@ -74,6 +77,11 @@ def lora_context(
       mapping: the step's ``LoRAMapping``; ``token_slots`` laid out as the module docstring says.
       impl: ``jlora.ops.add_lora``'s ``impl``: ``"auto"`` (Pallas on GPU, XLA elsewhere),
         ``"pallas"`` or ``"xla"``.
+      strict: on leaving the context, raise ``AdapterMismatchError`` naming any bank that no
+        wrapped layer read (its LoRA was not applied: a name that matches no layer, or layers
+        whose trace JAX reused from a call without this context, as ``nnx.remat``,
+        ``jax.checkpoint`` or an inner ``jit`` around wrapped layers do: not supported). Pass
+        ``strict=False`` for a call that runs only part of the model.
 
     Contexts nest; the innermost one wins. Enter it inside ``jax.jit`` (see the module docstring):
     a wrapped layer traced under a transformation while the context holds concrete arrays raises,
@@ -109,6 +117,16 @@ def lora_context(
         yield ctx
     finally:
         _ACTIVE.reset(token)
+    unread = [name for name in normalized if name not in ctx.read]
+    if strict and unread:
+        shown = ", ".join(repr(n) for n in unread[:4]) + (", ..." if len(unread) > 4 else "")
+        raise AdapterMismatchError(
+            f"lora_context: no wrapped layer read the banks of {shown} ({len(unread)} of "
+            f"{len(normalized)}), so their LoRA was not applied. Key banks by the names "
+            "jlora.find_targets(model) gives; layers under nnx.remat, jax.checkpoint or an inner "
+            "jit reuse a trace made without this context and cannot be served (remove the "
+            "remat for serving). For a call that runs only part of the model, pass strict=False"
+        )
 
 
 def current_context() -> LoRAContext | None:
@@ -139,6 +157,10 @@ def padded_batch_mapping(
         raise MappingError(
             f"seq_slots must be a 1-D sequence of int slot indices, got {slots.dtype} {slots.shape}"
         )
+    if not is_int(seq_len) or seq_len < 0:
+        raise MappingError(f"seq_len must be an int >= 0, got {seq_len!r}")
+    if num_seqs is not None and not is_int(num_seqs):
+        raise MappingError(f"num_seqs must be None or an int, got {num_seqs!r}")
     b = len(slots) if num_seqs is None else int(num_seqs)
     if b < len(slots):
         raise MappingError(f"{len(slots)} sequences do not fit num_seqs={b}")
@@ -306,6 +328,7 @@ def lora_forward(target: TargetModule, view: LayerView, x: jax.Array, y: jax.Arr
     banks = ctx.banks.get(target.name)
     if banks is None:
         return y
+    ctx.read.add(target.name)
     _check_banks(target, banks)
     _check_traced(target, x, banks, ctx.mapping)
     x2, y2 = view.tokens_in(x), view.tokens_out(y)
@@ -355,7 +378,9 @@ def _check_traced(target: TargetModule, x, banks, mapping: LoRAMapping) -> None:
     leaves = [mapping.token_slots, *jax.tree_util.tree_leaves(banks)]
     if not all(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         raise MappingError(
-            f"layer {target.name!r} is being traced but the lora_context holds concrete arrays: "
-            "they would be compiled in as constants and later banks/mappings ignored. Enter "
-            "jlora.lora_context inside the jitted function and pass banks and mapping as arguments"
+            f"layer {target.name!r} is called under a JAX transformation (jit, grad, vmap, ...) "
+            "but the lora_context around it holds concrete arrays (under jit they would be "
+            "compiled in as constants, and later banks or mappings ignored). Enter "
+            "jlora.lora_context inside the transformed function and pass banks and mapping as "
+            "its arguments"
         )

@@ -797,8 +797,57 @@ def test_context_entered_outside_jit_is_refused():
     x = jnp.zeros((1, 2, 12))
     with lora_context(banks, mapping):
         model(x)  # eager: fine
-        with pytest.raises(MappingError, match="Enter jlora.lora_context inside the jitted"):
+        with pytest.raises(MappingError, match="Enter jlora.lora_context inside the transformed"):
             nnx.jit(lambda m, x: m(x))(model, x)
+
+
+def test_banks_no_layer_reads_are_an_error_when_the_context_exits(rng):
+    bank = LoRABank.zeros(2, 12, 24, 4)
+    bank = bank.replace(
+        a=bank.a.at[1].set(1.0), b=bank.b.at[1].set(1.0), scale=bank.scale.at[1].set(1.0)
+    )
+    mapping = padded_batch_mapping([1], 2, num_slots=2)
+    x = jnp.asarray(rng.standard_normal((1, 2, 12)), jnp.float32)
+    forward = nnx_forward(apply(NNXMLP(nnx.Rngs(0))))
+    with pytest.raises(
+        AdapterMismatchError, match=r"banks of 'model.fc1' \(1 of 2\).*find_targets"
+    ):
+        forward(x, {"fc1": bank, "model.fc1": bank}, mapping)  # a key no layer has
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(12, 24, rngs=rngs)
+
+        @nnx.remat
+        def __call__(self, x):
+            return self.fc(x)
+
+    class Remat(nnx.Module):
+        def __init__(self, rngs):
+            self.blk = Block(rngs)
+
+        def __call__(self, x):
+            return self.blk(x)
+
+    # A remat'ed block traced once without a context: JAX reuses that trace, LoRA never runs.
+    remat = nnx_forward(apply(Remat(nnx.Rngs(0))))
+    remat(x)
+    with pytest.raises(AdapterMismatchError, match="'blk.fc'.*nnx.remat"):
+        remat(x, {"blk.fc": bank}, mapping)
+
+    # strict=False: a call that runs part of the model (here fc1 alone) may leave banks unread.
+    model = apply(NNXMLP(nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def first_layer(state, banks, mapping, x):
+        with lora_context(banks, mapping, strict=False):
+            return nnx.merge(graphdef, state).fc1(x)
+
+    both = {"fc1": bank, "fc2": LoRABank.zeros(2, 24, 12, 4)}
+    y = first_layer(state, both, mapping, x)
+    want = model.fc1(x) + 1.0 * (x @ np.ones((12, 4))) @ np.ones((4, 24))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
 
 
 def test_padded_batch_mapping_layout():
@@ -810,6 +859,11 @@ def test_padded_batch_mapping_layout():
     for bad in ([1.9, 0], [[1, 2]]):  # a float slot must not round down to another adapter
         with pytest.raises(MappingError, match="1-D sequence of int slot indices"):
             padded_batch_mapping(bad, 3, num_slots=3)
+    for kwargs in (dict(seq_len=2.9), dict(seq_len=True), dict(seq_len=-1)):
+        with pytest.raises(MappingError, match="seq_len must be an int >= 0"):
+            padded_batch_mapping([1], num_slots=3, **kwargs)
+    with pytest.raises(MappingError, match="num_seqs must be None or an int"):
+        padded_batch_mapping([1], 3, num_slots=3, num_seqs=2.5)
 
 
 def test_merge_adds_a_lora_bias_like_peft(rng):
