@@ -201,8 +201,12 @@ def _select(
         names = (layer.name, *(n for n, _ in slices))
         if not explicit:
             matched = layer.unsupported is None
-        elif all_linear:
-            matched = layer.kind == "linear" and layer.name.split(".")[-1] != "lm_head"
+        elif all_linear:  # a wildcard: like the default, it skips layers jlora cannot wrap
+            matched = (
+                layer.kind == "linear"
+                and layer.unsupported is None
+                and layer.name.split(".")[-1] != "lm_head"
+            )
         else:
             matched = False
             entries = (target_modules,) if isinstance(target_modules, str) else target_modules
@@ -414,15 +418,22 @@ class LoRALinenModel:
     def apply(self, variables, *args, **kwargs):
         """``module.apply`` with LoRA added to the targeted layers' outputs."""
         by_name = {t.name: t for t in self.targets}
+        # A subclass's __call__ that calls super().__call__ is intercepted twice for one module:
+        # LoRA goes on the outermost call's output only (as PEFT wraps the module's forward).
+        running: set[int] = set()
 
         def interceptor(next_fun, f_args, f_kwargs, context):
             m = context.module
             if context.method_name != "__call__" or not isinstance(m, _LINEN_KINDS):
                 return next_fun(*f_args, **f_kwargs)
             target = by_name.get(self.path_to_name(m.path))
-            if target is None:
+            if target is None or id(m) in running:
                 return next_fun(*f_args, **f_kwargs)
-            y = next_fun(*f_args, **f_kwargs)
+            running.add(id(m))
+            try:
+                y = next_fun(*f_args, **f_kwargs)
+            finally:
+                running.discard(id(m))
             x = f_args[0] if f_args else f_kwargs["inputs"]
             view = self.views[target.name]
             if view.kind == "einsum":
@@ -459,6 +470,10 @@ def _linen_layer(name: str, m: nn.Module, args, kwargs, y) -> _Layer:
     return _Layer(name, "linear", in_dim, out_dim, LayerView("einsum", einsum_str=einsum_str))
 
 
+def _is_static(arg) -> bool:
+    return arg is None or isinstance(arg, bool | int | float | complex | str)
+
+
 def _shapes(params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sorted(nn.meta.unbox(params).items())}
 
@@ -479,8 +494,18 @@ def _apply_linen(module, target_modules, packed, sample_args, sample_kwargs, pat
 
     key = jax.random.key(0)
     rngs = {"params": key, "dropout": key}
+    # Only arrays are traced: a Python flag (train, deterministic) given positionally is passed
+    # as it is, as sample_kwargs are.
+    traced = [i for i, a in enumerate(sample_args) if not _is_static(a)]
+
+    def init(*arrays):
+        args = list(sample_args)
+        for i, a in zip(traced, arrays, strict=True):
+            args[i] = a
+        return module.init(rngs, *args, **sample_kwargs)
+
     with nn.intercept_methods(record):
-        variables = jax.eval_shape(lambda *a: module.init(rngs, *a, **sample_kwargs), *sample_args)
+        variables = jax.eval_shape(init, *(sample_args[i] for i in traced))
     layers = []
     for layer, path, seen in found.values():
         # nn.scan / nn.vmap hand each call one slice of the params the tree stores stacked.

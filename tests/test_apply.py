@@ -640,6 +640,35 @@ def test_linen_lora_equals_merged_weights_in_a_mixed_batch(kind, rng):
             assert np.abs(np.asarray(y[row] - base[row])).max() > 1e-3
 
 
+def test_linen_dense_subclass_calling_super_gets_its_lora_once(rng):
+    class LoggedDense(nn.Dense):  # a Dense with a hook: Linen intercepts both __call__s
+        def __call__(self, x):
+            return super().__call__(x)
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            h = LoggedDense(7, name="fc")(x)
+            return nn.Dropout(0.5, deterministic=not train)(h)
+
+    x = jnp.asarray(rng.standard_normal((2, 3, 5)), jnp.float32)
+    module = Model()
+    variables = module.init(jax.random.key(0), x, False)
+    wrapped = apply(module, sample_args=(x, False))  # a positional Python flag is not traced
+    adapter = random_adapter(rng, wrapped.targets, 1)
+    state, mapping = serve(manager_with(wrapped.targets, [adapter]), [1, None], seq_len=3)
+
+    @jax.jit
+    def forward(variables, banks, mapping, x):
+        with lora_context(banks, mapping):
+            return wrapped.apply(variables, x, False)
+
+    y = forward(variables, state.banks, mapping, x)
+    base = module.apply(variables, x, False)
+    assert_close(y[0], module.apply(merged_linen(variables, adapter), x[:1], False)[0])
+    assert_base_row(y[1], base[1])
+
+
 def test_linen_targets_and_names():
     module = LinenTinyLM()
     ids = jax.ShapeDtypeStruct((2, 3), jnp.int32)  # discovery is abstract: no arrays needed
@@ -750,6 +779,8 @@ def test_targeting_a_layer_without_an_in_out_view_raises():
     assert [t.name for t in find_targets(apply(model))] == ["fine"]  # skipped by default
     with pytest.raises(AdapterMismatchError, match=r"'batched'.*shares a batch dim"):
         apply(model, target_modules=["batched"])
+    # all-linear is a wildcard too: it skips what it cannot wrap rather than failing.
+    assert [t.name for t in find_targets(apply(model, target_modules="all-linear"))] == ["fine"]
 
 
 def test_adapter_that_does_not_fit_the_model_names_the_module(rng):
