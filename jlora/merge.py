@@ -10,7 +10,7 @@ from flax import nnx
 
 from jlora.apply import apply, find_targets
 from jlora.errors import AdapterMismatchError
-from jlora.targets import TargetModule
+from jlora.targets import TargetModule, whole_packed_layer
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 
@@ -55,6 +55,8 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
         elif isinstance(weights, LoRALayerWeights):
             if name in where:
                 merges.append((name, *where[name], weights))
+            elif name in by_name:
+                raise AdapterMismatchError(whole_packed_layer(adapter.name, by_name[name]))
             else:
                 missing.append(name)
         else:
@@ -79,7 +81,7 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
                 f"[in={target.in_dim}, out={width}]"
             )
         param = module.embedding if isinstance(module, nnx.Embed) else module.kernel
-        value = param.get_value()
+        value = jnp.asarray(param.get_value())  # a parameter may hold a NumPy array
         # Sizes first: a kernel that is not an [in, out] matrix must not reach the reshape.
         if isinstance(module, nnx.Einsum) or value.size != target.in_dim * target.out_dim:
             raise AdapterMismatchError(
@@ -106,7 +108,7 @@ def _merge_bias(module, target: TargetModule, cols: slice, delta) -> None:
             f"layer {target.name!r} has no bias to merge the adapter's LoRA bias into; build the "
             "layer with use_bias=True"
         )
-    value, g = bias.get_value(), target.groups
+    value, g = jnp.asarray(bias.get_value()), target.groups
     grouped = value.reshape(g, -1)
     grouped = grouped.at[:, cols].add(jnp.asarray(delta, value.dtype).reshape(g, -1))
     bias.set_value(grouped.reshape(value.shape))

@@ -82,6 +82,17 @@ class TargetModule:
         return tuple(offsets)
 
 
+def whole_packed_layer(adapter_name: str, target: TargetModule) -> str:
+    """The error for a plain LoRA keyed by a packed layer's own name (one trained on the fused
+    layer), which neither merging nor the slot banks take."""
+    return (
+        f"adapter {adapter_name!r} has one LoRA for the whole of layer {target.name!r}, which "
+        f"the model declares packed (slices {list(target.peft_names)}): give one LoRA per "
+        f"slice under those names, a PackedLoRALayerWeights keyed by {target.name!r}, or wrap "
+        "the model with that layer unpacked (packed_modules_mapping without it)"
+    )
+
+
 def split_packed(y: jax.Array, widths: Sequence[int], groups: int = 1) -> list[jax.Array]:
     """A packed output's slices (last axis): ``widths`` wide, laid out in ``groups`` groups.
 

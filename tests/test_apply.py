@@ -913,3 +913,36 @@ def test_merge_adds_a_lora_bias_like_peft(rng):
     assert_close(merge_adapter(model, adapter)(x), expected)
     with pytest.raises(AdapterMismatchError, match="no bias to merge"):
         merge_adapter(nnx.Linear(6, 4, use_bias=False, rngs=nnx.Rngs(0)), adapter)
+
+
+def test_merge_takes_numpy_valued_params_and_names_a_whole_packed_layer_lora(rng):
+    layer = LoRALayerWeights(
+        lora_a=rng.standard_normal((6, 2)).astype(np.float32),
+        lora_b=rng.standard_normal((2, 4)).astype(np.float32),
+        bias=rng.standard_normal(4).astype(np.float32),
+        scaling=0.5,
+    )
+    model = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+    model.kernel.set_value(np.asarray(model.kernel.get_value()))  # set from a NumPy checkpoint
+    model.bias.set_value(np.asarray(model.bias.get_value()))
+    x = jnp.asarray(rng.standard_normal((3, 6)), jnp.float32)
+    expected = model(x) + 0.5 * (x @ layer.lora_a @ layer.lora_b + layer.bias)
+    assert_close(merge_adapter(model, LoRAModel(loras={"": layer}, id=1, name="np"))(x), expected)
+
+    class Fused(nnx.Module):  # qkv_proj declared packed; the LoRA covers the whole layer
+        packed_modules_mapping = {"qkv_proj": (("q_proj", 6), ("k_proj", 4), ("v_proj", 4))}
+
+        def __init__(self, rngs):
+            self.qkv_proj = nnx.Linear(8, 14, rngs=rngs)
+
+    whole = LoRALayerWeights(
+        lora_a=np.ones((8, 2), np.float32), lora_b=np.ones((2, 14), np.float32)
+    )
+    fused = LoRAModel(loras={"qkv_proj": whole}, id=2, name="fused")
+    match = r"one LoRA for the whole of layer 'qkv_proj', which the model declares packed"
+    with pytest.raises(AdapterMismatchError, match=match):
+        merge_adapter(Fused(nnx.Rngs(0)), fused)
+    targets = find_targets(apply(Fused(nnx.Rngs(0))))
+    state = mgr.init_state(LoRAConfig(max_loras=1, max_lora_rank=2), targets)
+    with pytest.raises(AdapterMismatchError, match=match):
+        mgr.add_adapter(state, fused)
