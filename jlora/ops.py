@@ -101,12 +101,12 @@ class OpsConfig:
     interpret: bool = False
 
     def __post_init__(self):
-        if self.xla_block_t is not None and (
-            not isinstance(self.xla_block_t, int) or self.xla_block_t < 1
-        ):
+        if self.xla_block_t is not None and (not is_int(self.xla_block_t) or self.xla_block_t < 1):
             raise LoRAConfigError(
                 f"OpsConfig: xla_block_t={self.xla_block_t!r} must be a positive int or None"
             )
+        if self.xla_block_t is not None:
+            object.__setattr__(self, "xla_block_t", int(self.xla_block_t))  # hashable, plain
         if self.xla_strategy not in (None, *XLA_STRATEGIES):
             raise LoRAConfigError(
                 f"OpsConfig: xla_strategy={self.xla_strategy!r} must be None or one of "
@@ -208,6 +208,11 @@ def add_lora(
         raise LoRAConfigError(f"add_lora: impl={impl!r} is not one of {IMPLS}")
     config = OpsConfig() if config is None else config
     banks = _as_banks(banks)
+    _check_num_slots("add_lora", mapping, banks[0])
+    if _is_eager(y, x, banks, mapping) and _mesh_of(y, banks[0].a) is None:
+        # One compiled program per shape: traced eagerly, the loops' and branches' fresh
+        # closures would compile again on every call (and hold on to each program).
+        return _add_lora_jit(y, x, banks, mapping, impl=impl, config=config, groups=groups)
     # jnp arrays: host (numpy) operands of an eager call would meet traced indices in the loops.
     y, x, banks = jnp.asarray(y), jnp.asarray(x), jax.tree.map(jnp.asarray, banks)
     _check_linear_args(y, x, banks)
@@ -250,6 +255,9 @@ def add_lora(
     return _regroup(y, widths, groups)
 
 
+_add_lora_jit = jax.jit(add_lora, static_argnames=("impl", "config", "groups"))
+
+
 def _ungroup(y: jax.Array, widths: Sequence[int], groups: int) -> jax.Array:
     """A grouped packed output (`jlora.targets.split_packed`), its slices one after another."""
     return y if groups == 1 else jnp.concatenate(split_packed(y, widths, groups), axis=-1)
@@ -277,6 +285,11 @@ def add_lora_embedding(
       config: tunables of the XLA path; `OpsConfig()` when None.
     """
     config = OpsConfig() if config is None else config
+    if not isinstance(bank, LoRABank):
+        raise AdapterMismatchError(f"add_lora_embedding takes one LoRABank, got {type(bank)}")
+    _check_num_slots("add_lora_embedding", mapping, bank)
+    if _is_eager(y, token_ids, bank, mapping) and _mesh_of(y, bank.a) is None:
+        return _add_lora_embedding_jit(y, token_ids, bank, mapping, config=config)
     y, token_ids, bank = jnp.asarray(y), jnp.asarray(token_ids), jax.tree.map(jnp.asarray, bank)
     if y.ndim != 2 or token_ids.shape != (y.shape[0],):
         raise AdapterMismatchError(
@@ -303,9 +316,27 @@ def add_lora_embedding(
     return _per_data_shard(run, data_mesh, y, token_ids, (bank,), token_slots, mapping.num_slots)
 
 
+_add_lora_embedding_jit = jax.jit(add_lora_embedding, static_argnames=("config",))
+
+
 # --------------------------------------------------------------------------------------------
 # Argument handling
 # --------------------------------------------------------------------------------------------
+
+
+def _is_eager(*trees) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def _check_num_slots(where: str, mapping: LoRAMapping, bank: LoRABank) -> None:
+    # A slot index past the banks would be clamped by the gathers: another adapter, silently.
+    if not isinstance(mapping, LoRAMapping):
+        raise MappingError(f"{where} needs a LoRAMapping, got {type(mapping).__name__}")
+    if mapping.num_slots != bank.num_slots:
+        raise MappingError(
+            f"{where}: the mapping was built for num_slots={mapping.num_slots} but the banks "
+            f"have {bank.num_slots} slots; build both from the same max_loras + 1"
+        )
 
 
 def _as_banks(banks) -> tuple[LoRABank, ...]:
@@ -789,8 +820,9 @@ def _xla_sorted(y, source, weights, delta_of, sorted_ids, counts, starts, block_
         return lax.dynamic_update_slice_in_dim(delta, update, blocks.start[i], 0)
 
     delta = jnp.zeros((num_tokens + block_t, y.shape[1]), jnp.float32)
-    delta = lax.fori_loop(0, jnp.sum(blocks.length > 0), body, delta)
-    return (y.astype(jnp.float32) + delta[_positions(sorted_ids)]).astype(y.dtype)
+    delta = lax.fori_loop(0, jnp.sum(blocks.length > 0), body, delta)[_positions(sorted_ids)]
+    # Where the delta is zero (slot 0's rows) y stays as it is, bit for bit: -0.0 + 0.0 is +0.0.
+    return jnp.where(delta == 0, y, (y.astype(jnp.float32) + delta).astype(y.dtype))
 
 
 def _xla_scatter(

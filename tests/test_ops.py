@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_counter import CompileCounter
 from kernel_cases import BENCH_CASES, KERNEL_CASES, TOLERANCES, make_inputs
 
 from jlora import ops, reference
+from jlora.errors import MappingError
 from jlora.mapping import LoRAMapping
 from jlora.weights import LoRABank
 
@@ -160,8 +162,38 @@ def test_bad_shapes_raise(rng):
 def test_invalid_config_raises():
     with pytest.raises(ValueError, match="xla_strategy"):
         ops.OpsConfig(xla_strategy="onehot")
-    with pytest.raises(ValueError, match="xla_block_t"):
-        ops.OpsConfig(xla_block_t=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="xla_block_t"):
+            ops.OpsConfig(xla_block_t=bad)
+    assert type(ops.OpsConfig(xla_block_t=np.int64(8)).xla_block_t) is int
+
+
+def test_mapping_for_another_slot_count_is_refused(rng):
+    """A gather clamps a slot past the banks to the last one: another adapter, silently."""
+    y, x, banks, _ = layer_inputs(CASES["pattern_random"], rng)  # 8-slot banks
+    wider = LoRAMapping.build([7, 1], [3, 2], num_slots=9, num_tokens=y.shape[0])
+    with pytest.raises(MappingError, match="num_slots=9 but the banks have 8 slots"):
+        ops.add_lora(y, x, banks, wider)
+    with pytest.raises(MappingError, match="add_lora_embedding.*num_slots=9"):
+        ops.add_lora_embedding(
+            jnp.zeros((y.shape[0], 6)), jnp.zeros(y.shape[0], jnp.int32),
+            LoRABank.zeros(8, 11, 6, 2), wider,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ops.XLA_STRATEGIES)
+def test_eager_calls_compile_once_and_keep_slot0_rows_bitwise(strategy, rng):
+    y, x, banks, mapping = layer_inputs(CASES["pattern_random"], rng)
+    base = np.asarray(mapping.token_slots) == 0
+    y = y.at[base].set(-0.0)  # -0.0 + 0.0 is +0.0: a zero delta added to them would show
+    config = ops.OpsConfig(xla_strategy=strategy)
+    ops.add_lora(y, x, banks, mapping, impl="xla", config=config)
+    with CompileCounter() as compiles:
+        for _ in range(3):
+            out = ops.add_lora(y, x, banks, mapping, impl="xla", config=config)
+    assert compiles.counts == {}
+    assert np.signbit(np.asarray(out)[base]).all()
+    assert_matches_reference(out, y, x, banks, mapping, "float32")
 
 
 def test_all_slot0_batch_returns_y_exactly(rng):
