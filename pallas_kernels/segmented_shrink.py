@@ -88,7 +88,10 @@ def _segmented_shrink_kernel(
                     mask=k_ok[:, None] & (cols < rank)[None, :],
                     other=0,
                 )  # [block_k, block_r]
-                return acc + plgpu.dot(xt.astype(at.dtype), at, precision=EXACT_DOT)
+                # The wider of the two dtypes (static): float32 x keeps its precision against
+                # a bf16/f16 bank, as the gathered kernel and the XLA path do.
+                dt = jnp.promote_types(xt.dtype, at.dtype)
+                return acc + plgpu.dot(xt.astype(dt), at.astype(dt), precision=EXACT_DOT)
 
             acc = jnp.zeros((block_t, block_r), jnp.float32)
             # Slot 0 ("no adapter") skips the reduction and stores zeros.

@@ -4,6 +4,8 @@ On a GPU the kernels run compiled; elsewhere they run in Pallas interpret mode, 
 start as NaN, so a row the kernel forgets to write fails the comparison.
 """
 
+import dataclasses
+
 import jax
 import pytest
 from kernel_cases import KERNEL_CASES, assert_expand_close, assert_shrink_close, make_inputs
@@ -44,3 +46,16 @@ def test_segmented_block_sizes(block_t, rng):
     args = (inp["y"], inp["h"], inp["b"], inp["scale"], *seg)
     out = pk.segmented_expand(*args, config=config, interpret=INTERPRET)
     assert_expand_close(out, pk.segmented_expand_reference(*args), case, inp)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_segmented_shrink_keeps_float32_x_against_a_narrower_bank(dtype, rng):
+    """float32 activations with bf16/f16 banks: the shrink multiplies in float32 (as the
+    gathered kernel and the XLA path do), so its error is float32's, not the bank dtype's."""
+    case = next(c for c in KERNEL_CASES if c.name == f"{dtype}_qkv")
+    inp = make_inputs(case, rng)
+    x = jax.numpy.asarray(rng.standard_normal(inp["x"].shape) * 4, jax.numpy.float32)
+    seg = (inp["sorted_token_ids"], inp["slot_counts"], inp["slot_starts"])
+    out = pk.segmented_shrink(x, inp["a"], *seg, interpret=INTERPRET)
+    ref = pk.segmented_shrink_reference(x, inp["a"], *seg)
+    assert_shrink_close(out, ref, dataclasses.replace(case, dtype="float32"), inp)
