@@ -66,6 +66,20 @@ class LoRAMapping:
     slot_starts: jax.Array
     is_prefill: bool = struct.field(pytree_node=False, default=True)
 
+    def __post_init__(self):
+        # build() checks its inputs and hands device arrays, which are trusted (reading them
+        # back would sync every step). A mapping assembled by hand from NumPy arrays is checked
+        # here as build would: the gathers on device clamp a bad index silently.
+        leaves = (
+            self.token_slots,
+            self.seq_slots,
+            self.sorted_token_ids,
+            self.slot_counts,
+            self.slot_starts,
+        )
+        if all(isinstance(v, np.ndarray) for v in leaves):
+            _check_host_mapping(*leaves)
+
     @property
     def num_tokens(self) -> int:
         return int(self.token_slots.shape[0])
@@ -139,6 +153,34 @@ class LoRAMapping:
             slot_counts=jax.device_put(counts),
             slot_starts=jax.device_put(starts),
             is_prefill=bool(is_prefill),
+        )
+
+
+def _check_host_mapping(token_slots, seq_slots, sorted_ids, counts, starts) -> None:
+    names = ("token_slots", "seq_slots", "sorted_token_ids", "slot_counts", "slot_starts")
+    for name, v in zip(names, (token_slots, seq_slots, sorted_ids, counts, starts), strict=True):
+        _check_int_vector(name, v)
+    num_slots, t = counts.size, token_slots.size
+    problems = []
+    if sorted_ids.size != t:
+        problems.append(f"sorted_token_ids has {sorted_ids.size} entries for {t} tokens")
+    if starts.size != num_slots or num_slots == 0:
+        problems.append(f"slot_counts and slot_starts have {num_slots} and {starts.size} entries")
+    for name, v in (("token_slots", token_slots), ("seq_slots", seq_slots)):
+        if v.size and (v.min() < 0 or v.max() >= num_slots):
+            problems.append(f"{name} holds slots outside [0, {num_slots})")
+    if not problems:
+        want = np.argsort(token_slots, kind="stable")
+        if not np.array_equal(sorted_ids, want):
+            problems.append("sorted_token_ids is not the stable sort of the tokens by slot")
+        bins = np.bincount(token_slots, minlength=num_slots)
+        if not np.array_equal(counts, bins):
+            problems.append(f"slot_counts {counts.tolist()} are not the tokens per slot")
+        elif not np.array_equal(starts, np.cumsum(counts) - counts):
+            problems.append("slot_starts is not the exclusive cumulative sum of slot_counts")
+    if problems:
+        raise MappingError(
+            "LoRAMapping: " + "; ".join(problems) + "; build it with LoRAMapping.build"
         )
 
 

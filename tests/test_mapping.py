@@ -85,3 +85,36 @@ def test_invariants(case):
     expected = np.repeat(slots, lengths) if slots.size else np.zeros(0, int)
     np.testing.assert_array_equal(tok[: expected.size], expected)
     assert (tok[expected.size :] == 0).all()
+
+
+def _host_mapping(token_slots, num_slots, **replace):
+    slots = np.asarray(token_slots, np.int32)
+    counts = np.bincount(slots[slots >= 0], minlength=num_slots)[:num_slots].astype(np.int32)
+    fields = dict(
+        token_slots=slots,
+        seq_slots=np.zeros(1, np.int32),
+        sorted_token_ids=np.argsort(slots, kind="stable").astype(np.int32),
+        slot_counts=counts,
+        slot_starts=(np.cumsum(counts) - counts).astype(np.int32),
+    )
+    return LoRAMapping(**{**fields, **replace})
+
+
+@pytest.mark.parametrize(
+    "slots, replace, fragment",
+    [
+        ([1, 2, 9, 0], {}, r"token_slots holds slots outside \[0, 4\)"),
+        ([1, 2, -1, 0], {}, "token_slots holds slots outside"),
+        ([1, 2, 3, 0], {"seq_slots": np.asarray([5], np.int32)}, "seq_slots holds slots"),
+        ([1, 2, 3, 0], {"slot_counts": np.asarray([1, 1, 1, 0], np.int32)}, "not the tokens"),
+        ([1, 2, 3, 0], {"sorted_token_ids": np.arange(4, dtype=np.int32)}, "not the stable sort"),
+        ([1, 2, 3, 0], {"slot_starts": np.zeros(4, np.int32)}, "exclusive cumulative sum"),
+        ([1, 2, 3, 0], {"sorted_token_ids": np.arange(3, dtype=np.int32)}, "3 entries for 4"),
+        ([1, 2, 3, 0], {"slot_starts": np.zeros(3, np.int32)}, "have 4 and 3 entries"),
+    ],
+)
+def test_a_mapping_assembled_from_host_arrays_is_checked(slots, replace, fragment):
+    with pytest.raises(MappingError, match=fragment):
+        _host_mapping(slots, 4, **replace)
+    good = _host_mapping([1, 2, 3, 0, 1], 4)  # consistent fields: accepted as they are
+    assert good.num_slots == 4 and good.num_tokens == 5
