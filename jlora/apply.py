@@ -117,7 +117,10 @@ def apply(
       sample_args / sample_kwargs: Linen only: inputs for ``module.init`` (run abstractly with
         ``jax.eval_shape``, nothing is allocated) to find the layers and their dims.
       path_to_name: Linen only: module path -> dotted name; default joins with "." after turning
-        Linen's list names ``layers_3`` into ``layers.3`` (as PyTorch's ``ModuleList`` names them).
+        Linen's list names ``layers_3`` into ``layers.3`` (as PyTorch's ``ModuleList`` names them);
+        a layer's own name such as T5's ``wi_0`` stays as it is unless its parent holds a list or
+        tuple ``wi`` (so a layer named ``f"heads_{i}"`` in a compact loop needs this argument to
+        become ``heads.i``).
 
     Raises:
       AdapterMismatchError: ``target_modules`` (or one of its entries) matches no layer, or matches
@@ -162,7 +165,7 @@ def apply(
             packed_modules,
             tuple(sample_args),
             dict(sample_kwargs or {}),
-            path_to_name or linen_path_to_name,
+            path_to_name,
         )
     if isinstance(model, nnx.Module):
         if sample_args is not None or sample_kwargs is not None or path_to_name is not None:
@@ -182,7 +185,21 @@ def find_targets(model) -> tuple[TargetModule, ...]:
 
 def linen_path_to_name(path: Sequence[str]) -> str:
     """``("model", "layers_3", "q_proj")`` -> ``"model.layers.3.q_proj"``."""
-    return ".".join(re.sub(r"^(.+)_(\d+)$", r"\1.\2", str(p)) for p in path)
+    return ".".join(_LIST_ITEM.sub(r"\1.\2", str(p)) for p in path)
+
+
+_LIST_ITEM = re.compile(r"^(.+)_(\d+)$")
+
+
+def _linen_name(m: nn.Module) -> str:
+    """The default name of a bound Linen layer: ``linen_path_to_name`` of its path, except that
+    a last part like T5's ``wi_0`` is kept when the parent holds no sequence ``wi`` (the layer
+    is a named attribute, not an item of a list of layers)."""
+    *parents, leaf = m.path or ("",)
+    item = _LIST_ITEM.match(leaf)
+    if item and not isinstance(getattr(m.parent, item[1], None), list | tuple):
+        return ".".join([*([linen_path_to_name(parents)] if parents else []), leaf])
+    return linen_path_to_name(m.path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,7 +426,11 @@ class LoRALinenModel:
     module: nn.Module
     targets: tuple[TargetModule, ...]
     views: Mapping[str, LayerView]
-    path_to_name: Callable[[tuple[str, ...]], str]
+    path_to_name: Callable[[tuple[str, ...]], str] | None
+
+    def name_of(self, m: nn.Module) -> str:
+        """The dotted name of a bound Linen layer ``m``."""
+        return _linen_name(m) if self.path_to_name is None else self.path_to_name(m.path)
 
     def init(self, *args, **kwargs):
         """``module.init`` (LoRA adds no parameters)."""
@@ -426,7 +447,7 @@ class LoRALinenModel:
             m = context.module
             if context.method_name != "__call__" or not isinstance(m, _LINEN_KINDS):
                 return next_fun(*f_args, **f_kwargs)
-            target = by_name.get(self.path_to_name(m.path))
+            target = by_name.get(self.name_of(m))
             if target is None or id(m) in running:
                 return next_fun(*f_args, **f_kwargs)
             running.add(id(m))
@@ -486,7 +507,7 @@ def _apply_linen(module, target_modules, packed, sample_args, sample_kwargs, pat
         y = next_fun(*args, **kwargs)
         m = context.module
         if context.method_name == "__call__" and isinstance(m, _LINEN_KINDS):
-            name = path_to_name(m.path)
+            name = _linen_name(m) if path_to_name is None else path_to_name(m.path)
             if name not in found:
                 seen = _shapes(m.variables.get("params", {}))
                 found[name] = (_linen_layer(name, m, args, kwargs, y), m.path, seen)

@@ -683,6 +683,54 @@ def test_linen_targets_and_names():
     assert [t.name for t in only.targets] == ["layers.0.fc1", "layers.1.fc1"]
 
 
+class LinenGatedMLP(nn.Module):  # T5's gated MLP: attributes named wi_0 and wi_1
+    def setup(self):
+        self.wi_0, self.wi_1, self.wo = nn.Dense(12), nn.Dense(12), nn.Dense(6)
+
+    def __call__(self, x):
+        return self.wo(nn.gelu(self.wi_0(x)) * self.wi_1(x))
+
+
+class LinenT5Like(nn.Module):
+    def setup(self):
+        self.layers = [LinenGatedMLP() for _ in range(2)]
+        self.head = nn.Sequential([nn.Dense(5), nn.Dense(4)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_linen_names_keep_an_attribute_named_like_a_list_item(rng):
+    x = jnp.asarray(rng.standard_normal((3, 2, 6)), jnp.float32)
+    module = LinenT5Like()
+    wrapped = apply(module, sample_args=(x,))
+    # PEFT names T5's layers "...layers.0.wi_0": only items of a list or tuple become ".i".
+    assert [t.name for t in wrapped.targets] == [
+        *(f"layers.{i}.{leaf}" for i in range(2) for leaf in ("wi_0", "wi_1", "wo")),
+        "head.layers.0",
+        "head.layers.1",
+    ]
+    variables = module.init(jax.random.key(int(rng.integers(1 << 30))), x)
+    adapter = random_adapter(rng, wrapped.targets, 1)
+    state, mapping = serve(manager_with(wrapped.targets, [adapter]), [1, None, 1], seq_len=2)
+    y = linen_forward(wrapped, variables)(x, state.banks, mapping)
+
+    def param_name(path):  # the same rule on the parameter tree's paths
+        *parents, leaf = path
+        return ".".join(
+            [linen_path_to_name(parents), leaf if leaf[:2] == "wi" else linen_path_to_name([leaf])]
+        )
+
+    merged = module.apply(merged_linen(variables, adapter, path_to_name=param_name), x[:1])
+    assert_close(y[0], merged[0])
+    assert_base_row(y[1], jax.jit(module.apply)(variables, x)[1])
+    # A path_to_name of one's own still decides every name.
+    mangled = apply(module, sample_args=(x,), path_to_name=linen_path_to_name)
+    assert mangled.targets[0].name == "layers.0.wi.0"
+
+
 def test_linen_no_adapter_active_is_identical(rng):
     module = LinenTinyLM()
     ids = jnp.asarray(rng.integers(0, 31, (3, 6)), jnp.int32)
