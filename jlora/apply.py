@@ -202,6 +202,10 @@ def _linen_name(m: nn.Module) -> str:
     return linen_path_to_name(m.path)
 
 
+def _name_of(m: nn.Module, path_to_name: Callable[[tuple[str, ...]], str] | None) -> str:
+    return _linen_name(m) if path_to_name is None else path_to_name(m.path)
+
+
 # --------------------------------------------------------------------------------------------
 # Target selection (shared by NNX and Linen)
 # --------------------------------------------------------------------------------------------
@@ -430,7 +434,7 @@ class LoRALinenModel:
 
     def name_of(self, m: nn.Module) -> str:
         """The dotted name of a bound Linen layer ``m``."""
-        return _linen_name(m) if self.path_to_name is None else self.path_to_name(m.path)
+        return _name_of(m, self.path_to_name)
 
     def init(self, *args, **kwargs):
         """``module.init`` (LoRA adds no parameters)."""
@@ -507,7 +511,7 @@ def _apply_linen(module, target_modules, packed, sample_args, sample_kwargs, pat
         y = next_fun(*args, **kwargs)
         m = context.module
         if context.method_name == "__call__" and isinstance(m, _LINEN_KINDS):
-            name = _linen_name(m) if path_to_name is None else path_to_name(m.path)
+            name = _name_of(m, path_to_name)
             if name not in found:
                 seen = _shapes(m.variables.get("params", {}))
                 found[name] = (_linen_layer(name, m, args, kwargs, y), m.path, seen)
