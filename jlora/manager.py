@@ -73,7 +73,7 @@ from jlora.errors import (
 from jlora.hostio import count_nonfinite
 from jlora.mapping import LoRAMapping
 from jlora.request import LoRARequest
-from jlora.targets import TargetModule, whole_packed_layer
+from jlora.targets import TargetModule, split_whole_layer
 from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel, PackedLoRALayerWeights, pad_to_rank
 
 BASE_ID = 0  # adapter id and slot of the base model ("no adapter")
@@ -246,7 +246,7 @@ def init_state(
         allocating only its shard (on every process of a multi-host mesh); slot writes keep
         the layout.
 
-    >>> from jlora.targets import TargetModule, whole_packed_layer
+    >>> from jlora.targets import TargetModule
     >>> t = TargetModule(name="q", in_dim=8, out_dims=(4,), peft_names=("layers.0.q_proj",))
     >>> s = init_state(LoRAConfig(max_loras=2, max_lora_rank=4), [t])
     >>> s.banks["q"][0].a.shape, s.slots
@@ -906,10 +906,13 @@ def _placements(layout: _Layout, model: LoRAModel, name: str, weights):
         loc = layout.index.get(name)
         if loc is not None:
             return [(loc, weights)]
-        if name in layout.by_name:
-            raise AdapterMismatchError(
-                whole_packed_layer(model.name, layout.targets[layout.by_name[name]])
-            )
+        i = layout.by_name.get(name)
+        if i is not None:  # trained on the whole fused layer: served as its slices
+            try:
+                slices = split_whole_layer(weights, layout.targets[i])
+            except AdapterMismatchError as e:
+                raise AdapterMismatchError(f"adapter {model.name!r} (id {model.id}), {e}") from None
+            return [((i, j), s) for j, s in enumerate(slices)]
     else:
         raise AdapterMismatchError(
             f"adapter {model.name!r} (id {model.id}), module {name!r}: expected "

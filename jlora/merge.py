@@ -10,7 +10,7 @@ from flax import nnx
 
 from jlora.apply import apply, find_targets
 from jlora.errors import AdapterMismatchError
-from jlora.targets import TargetModule, whole_packed_layer
+from jlora.targets import TargetModule, split_whole_layer
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 
@@ -55,8 +55,13 @@ def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
         elif isinstance(weights, LoRALayerWeights):
             if name in where:
                 merges.append((name, *where[name], weights))
-            elif name in by_name:
-                raise AdapterMismatchError(whole_packed_layer(adapter.name, by_name[name]))
+            elif name in by_name:  # trained on the whole fused layer: merged as its slices
+                target = by_name[name]
+                try:
+                    slices = split_whole_layer(weights, target)
+                except AdapterMismatchError as e:
+                    raise AdapterMismatchError(f"adapter {adapter.name!r}, {e}") from None
+                merges += [(f"{name}[{j}]", target, j, s) for j, s in enumerate(slices)]
             else:
                 missing.append(name)
         else:

@@ -1,5 +1,6 @@
 """TargetModule: the contract between a model (what ``jlora.apply`` finds in it) and the adapter
-manager (what slot banks it allocates). Imports jax, jlora.config and jlora.errors only.
+manager (what slot banks it allocates). Imports jax, jlora.config, jlora.errors and
+jlora.weights only.
 
 A model layer that LoRA can wrap is described by its path in the JAX model, its input dim, and
 one output slice per PEFT module it serves. A plain ``q_proj`` Linear has one slice; a fused
@@ -10,6 +11,9 @@ A packed layer's columns are the slices one after the other (``[q | k | v]``), o
 ``groups = g``, ``g`` groups of every slice's next ``1/g`` (``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``):
 split over ``g`` devices (or a divisor of ``g``), each device then holds whole groups, its own
 share of every slice, so neither the layer nor its LoRA moves columns between devices.
+
+A LoRA keyed by the packed layer's own name (trained on a fused layer) is served as one LoRA per
+slice (``split_whole_layer``): the slices share its A and take their columns of its B.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 
 from jlora.config import is_int
 from jlora.errors import AdapterMismatchError
+from jlora.weights import LoRALayerWeights
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,14 +87,44 @@ class TargetModule:
         return tuple(offsets)
 
 
-def whole_packed_layer(adapter_name: str, target: TargetModule) -> str:
-    """The error for a plain LoRA keyed by a packed layer's own name (one trained on the fused
-    layer), which neither merging nor the slot banks take."""
-    return (
-        f"adapter {adapter_name!r} has one LoRA for the whole of layer {target.name!r}, which "
-        f"the model declares packed (slices {list(target.peft_names)}): give one LoRA per "
-        f"slice under those names, a PackedLoRALayerWeights keyed by {target.name!r}, or wrap "
-        "the model with that layer unpacked (packed_modules_mapping without it)"
+def split_whole_layer(
+    layer: LoRALayerWeights, target: TargetModule
+) -> tuple[LoRALayerWeights, ...]:
+    """A LoRA trained on the whole of packed layer ``target`` (one ``lora_b`` over all its
+    output columns, as PEFT trains it on a model whose own layer is fused, e.g. Phi-3's
+    ``qkv_proj``) as one LoRA per slice: the same ``lora_a`` and scaling, and the slice's columns
+    of ``lora_b`` (and bias). ``y + s * x A B`` then equals the packed layer with every slice's
+    ``s * x A B_j``, exactly. ``lora_b``'s columns are the layer's own: with ``groups = g`` they
+    are in its ``g`` groups (module docstring). Slicing keeps NumPy views where the layout allows.
+
+    >>> import numpy as np
+    >>> t = TargetModule(name="qkv", in_dim=4, out_dims=(2, 1, 1), peft_names=("q", "k", "v"))
+    >>> w = LoRALayerWeights(lora_a=np.ones((4, 1)), lora_b=np.arange(4.0)[None], module_name="qkv")
+    >>> [s.lora_b.tolist() for s in split_whole_layer(w, t)]
+    [[[0.0, 1.0]], [[2.0]], [[3.0]]]
+    """
+    if (layer.input_dim, layer.output_dim) != (target.in_dim, target.out_dim):
+        raise AdapterMismatchError(
+            f"module {layer.module_name or target.name!r}: a LoRA over the whole of packed layer "
+            f"{target.name!r} maps {layer.input_dim} -> {layer.output_dim}, but the layer maps "
+            f"{target.in_dim} -> {target.out_dim}; the adapter was trained for another model"
+        )
+    g = target.groups
+
+    def columns(x, j: int):  # slice j's columns of the last axis: its 1/g share of each group
+        lo, width = target.slice_offsets[j] // g, target.out_dims[j] // g
+        if g == 1:
+            return x[..., lo : lo + width]
+        lead = x.shape[:-1]
+        return x.reshape(*lead, g, target.out_dim // g)[..., lo : lo + width].reshape(*lead, -1)
+
+    return tuple(
+        layer.replace(
+            lora_b=columns(layer.lora_b, j),
+            bias=None if layer.bias is None else columns(layer.bias, j),
+            module_name=f"{layer.module_name or target.name}[{j}] ({peft})",
+        )
+        for j, peft in enumerate(target.peft_names)
     )
 
 

@@ -963,7 +963,7 @@ def test_merge_adds_a_lora_bias_like_peft(rng):
         merge_adapter(nnx.Linear(6, 4, use_bias=False, rngs=nnx.Rngs(0)), adapter)
 
 
-def test_merge_takes_numpy_valued_params_and_names_a_whole_packed_layer_lora(rng):
+def test_merge_takes_numpy_valued_params(rng):
     layer = LoRALayerWeights(
         lora_a=rng.standard_normal((6, 2)).astype(np.float32),
         lora_b=rng.standard_normal((2, 4)).astype(np.float32),
@@ -977,20 +977,57 @@ def test_merge_takes_numpy_valued_params_and_names_a_whole_packed_layer_lora(rng
     expected = model(x) + 0.5 * (x @ layer.lora_a @ layer.lora_b + layer.bias)
     assert_close(merge_adapter(model, LoRAModel(loras={"": layer}, id=1, name="np"))(x), expected)
 
-    class Fused(nnx.Module):  # qkv_proj declared packed; the LoRA covers the whole layer
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_a_lora_over_a_whole_fused_layer_is_served_and_merged_as_its_slices(rng, groups, order):
+    """A LoRA keyed by a packed layer's own name (trained on the fused layer, as PEFT does on
+    Phi-3's qkv_proj) adds ``s * x A B`` to the layer's output columns as they are, grouped or
+    not: served through the slot banks and merged, against the plain float32 product. Order
+    "F": A and B as a PEFT load hands them over (transposed views of PyTorch's arrays)."""
+
+    class Fused(nnx.Module):
         packed_modules_mapping = {"qkv_proj": (("q_proj", 6), ("k_proj", 4), ("v_proj", 4))}
+        packed_modules_groups = {"qkv_proj": groups}
 
         def __init__(self, rngs):
             self.qkv_proj = nnx.Linear(8, 14, rngs=rngs)
 
+        def __call__(self, x):
+            return self.qkv_proj(x)
+
+    model = Fused(nnx.Rngs(int(rng.integers(1 << 30))))
     whole = LoRALayerWeights(
-        lora_a=np.ones((8, 2), np.float32), lora_b=np.ones((2, 14), np.float32)
+        lora_a=(rng.standard_normal((8, 2)) / np.sqrt(8)).astype(np.float32, order=order),
+        lora_b=(0.3 * rng.standard_normal((2, 14))).astype(np.float32, order=order),
+        module_name="qkv_proj",
+        scaling=0.75,
     )
     fused = LoRAModel(loras={"qkv_proj": whole}, id=2, name="fused")
-    match = r"one LoRA for the whole of layer 'qkv_proj', which the model declares packed"
+    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    kernel, bias = np.asarray(model.qkv_proj.kernel[...]), np.asarray(model.qkv_proj.bias[...])
+    ab = np.asarray(whole.lora_a, np.float64) @ np.asarray(whole.lora_b, np.float64)
+    expected = np.asarray(x, np.float64) @ (kernel + 0.75 * ab) + bias
+
+    assert_close(merge_adapter(model, fused)(x), expected)
+    wrapped = apply(model)
+    (target,) = find_targets(wrapped)
+    assert target.groups == groups
+    state, mapping = serve(manager_with([target], [fused], rank=2), [2, None], seq_len=3)
+    y = nnx_forward(wrapped)(x, state.banks, mapping)
+    assert_close(y[0], expected[0])
+    np.testing.assert_array_equal(y[1], model(x[1]))  # the base row is the plain model
+
+    # The same slice given twice (whole and per module), or the wrong width, is refused.
+    q = LoRALayerWeights(lora_a=whole.lora_a, lora_b=whole.lora_b[:, :6], module_name="q_proj")
+    twice = LoRAModel(loras={"qkv_proj": whole, "q_proj": q}, id=3, name="twice")
+    with pytest.raises(AdapterMismatchError, match=r"slice 0 of target 'qkv_proj' is also given"):
+        mgr.add_adapter(state, twice)
+    narrow = LoRAModel(
+        loras={"qkv_proj": whole.replace(lora_b=whole.lora_b[:, :13])}, id=4, name="narrow"
+    )
+    match = r"'narrow'.*whole of packed layer 'qkv_proj' maps 8 -> 13, but the layer maps 8 -> 14"
     with pytest.raises(AdapterMismatchError, match=match):
-        merge_adapter(Fused(nnx.Rngs(0)), fused)
-    targets = find_targets(apply(Fused(nnx.Rngs(0))))
-    state = mgr.init_state(LoRAConfig(max_loras=1, max_lora_rank=2), targets)
+        mgr.add_adapter(state, narrow)
     with pytest.raises(AdapterMismatchError, match=match):
-        mgr.add_adapter(state, fused)
+        merge_adapter(model, narrow)
