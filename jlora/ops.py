@@ -209,9 +209,10 @@ def add_lora(
     config = OpsConfig() if config is None else config
     banks = _as_banks(banks)
     _check_num_slots("add_lora", mapping, banks[0])
-    if _is_eager(y, x, banks, mapping) and _mesh_of(y, banks[0].a) is None:
-        # One compiled program per shape: traced eagerly, the loops' and branches' fresh
-        # closures would compile again on every call (and hold on to each program).
+    if _is_eager(y, x, banks, mapping):
+        # One compiled program per shape (and mesh: sharded arrays keep theirs in the trace):
+        # traced eagerly, the loops' and branches' fresh closures, and a sharded call's
+        # shard_map, would compile again on every call (and hold on to each program).
         return _add_lora_jit(y, x, banks, mapping, impl=impl, config=config, groups=groups)
     # jnp arrays: host (numpy) operands of an eager call would meet traced indices in the loops.
     y, x, banks = jnp.asarray(y), jnp.asarray(x), jax.tree.map(jnp.asarray, banks)
@@ -288,7 +289,7 @@ def add_lora_embedding(
     if not isinstance(bank, LoRABank):
         raise AdapterMismatchError(f"add_lora_embedding takes one LoRABank, got {type(bank)}")
     _check_num_slots("add_lora_embedding", mapping, bank)
-    if _is_eager(y, token_ids, bank, mapping) and _mesh_of(y, bank.a) is None:
+    if _is_eager(y, token_ids, bank, mapping):
         return _add_lora_embedding_jit(y, token_ids, bank, mapping, config=config)
     y, token_ids, bank = jnp.asarray(y), jnp.asarray(token_ids), jax.tree.map(jnp.asarray, bank)
     if y.ndim != 2 or token_ids.shape != (y.shape[0],):
