@@ -246,6 +246,7 @@ def _restore(path: str, ocp) -> LoRAModel:
         {k: buf for k, (buf, _) in buffers.items()},
         {k for k, (_, bad) in buffers.items() if bad},
     )
+    _check_fields(path, meta)
     loras = {}
     for module in meta["modules"]:
         layers = [None if m is None else unpacker.layer(m) for m in module["layers"]]
@@ -401,6 +402,31 @@ class _Unpacker:
             module_name=m["module_name"],
             scaling=m["scaling"],
             is_embedding=m["is_embedding"],
+        )
+
+
+def _check_fields(path: str, meta: dict) -> None:
+    """The metadata's identity and per-layer fields have the types ``save_adapter`` writes
+    (JSON accepts anything: a hand-edited file must not become a half-valid LoRAModel)."""
+    bad = []
+    if not (is_int(meta["id"]) and meta["id"] >= 1):
+        bad.append(f"id {meta['id']!r} (an int >= 1)")
+    if not isinstance(meta["name"], str):
+        bad.append(f"name {meta['name']!r} (a str)")
+    if meta["path"] is not None and not isinstance(meta["path"], str):
+        bad.append(f"path {meta['path']!r} (a str or null)")
+    for module in meta["modules"]:
+        for m in module["layers"]:
+            if m is None:
+                continue
+            if not isinstance(m["is_embedding"], bool):
+                bad.append(f"module {module['name']!r} is_embedding {m['is_embedding']!r} (a bool)")
+            if not isinstance(m["module_name"], str):
+                bad.append(f"module {module['name']!r} module_name {m['module_name']!r} (a str)")
+    if bad:
+        raise CheckpointError(
+            f"{path}: the checkpoint's metadata is corrupt: {'; '.join(bad[:4])}; re-save the "
+            "adapter with jlora.save_adapter"
         )
 
 

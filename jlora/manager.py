@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.config import LoRAConfig, is_int
+from jlora.config import LORA_DTYPES, LoRAConfig, is_int
 from jlora.errors import (
     AdapterMismatchError,
     AdapterWeightsError,
@@ -272,6 +272,12 @@ def init_state(
                 )
             index[peft_name] = (i, j)
     bank_dtype = np.dtype(config.jnp_dtype(jnp.float32 if dtype is None else dtype))
+    if bank_dtype.name not in LORA_DTYPES:  # e.g. "auto" from a quantized base's int8 / fp8
+        raise LoRAConfigError(
+            f"init_state: the slot banks would be {bank_dtype.name}, but LoRA weights are held "
+            f"in one of {LORA_DTYPES[1:]}; pass dtype= the model's activation dtype or set "
+            "LoRAConfig.lora_dtype"
+        )
     num_slots = config.max_loras + 1
     if shardings is not None:
         _check_shardings(targets, shardings, num_slots, config.max_lora_rank)
@@ -942,6 +948,9 @@ def _difference(a: LoRAModel, b: LoRAModel) -> str:
     """How adapter ``b`` differs from ``a`` ("" when it is the same adapter), for messages."""
     if a.name != b.name:
         return f"name {b.name!r}, not {a.name!r}"
+    # A path is where a request reloads the id from: two paths, two adapters (None: in memory).
+    if a.path is not None and b.path is not None and _norm(a.path) != _norm(b.path):
+        return f"path {os.fspath(b.path)!r}, not {os.fspath(a.path)!r}"
     if set(a.loras) != set(b.loras):  # PEFT files list modules in any order
         extra, missing = sorted(set(b.loras) - set(a.loras)), sorted(set(a.loras) - set(b.loras))
         return f"modules: {len(extra)} more ({extra[:2]}), {len(missing)} fewer ({missing[:2]})"

@@ -34,6 +34,12 @@ UNSUPPORTED = {
     "monteclora_config": "MonteCLoRA samples its LoRA factors",
     "use_bdlora": "BD-LoRA stores block-diagonal factors",
 }
+# init_lora_weights values after which the adapter needs a base model PEFT rewrote (PiSSA and
+# OLoRA subtract the initial B A, LoftQ quantizes, CorDA and LoRA-GA decompose): on the original
+# base they are wrong. PEFT saves a converted one (path_initial_model_for_weight_conversion) with
+# init_lora_weights=True. The others only seed A and B.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,6 +65,7 @@ class PEFTConfig:
     fan_in_fan_out: bool = False
     exclude_modules: tuple[str, ...] | str | None = None
     lora_bias: bool = False
+    init_lora_weights: bool | str = True
     unsupported: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     peft_type: str = "LORA"
     base_model_name_or_path: str | None = None
@@ -96,6 +103,13 @@ class PEFTConfig:
         def names(v):
             return tuple(str(t) for t in v) if isinstance(v, list | tuple) else v
 
+        def init(v):  # true, false, or the name of an init method
+            if v is None:
+                return True
+            if isinstance(v, bool | str):
+                return v
+            raise TypeError("must be true, false or the name of an init method")
+
         def flag(v):  # a JSON boolean; bool("false") would be True
             if v is None or isinstance(v, bool):
                 return bool(v)
@@ -104,7 +118,7 @@ class PEFTConfig:
         # Field by field, so that a mistyped one is named in the error.
         parsers = {
             "bias": lambda v: v or "none",
-            "modules_to_save": lambda v: tuple(v or ()),
+            "modules_to_save": lambda v: (v,) if isinstance(v, str) else tuple(v or ()),
             "use_rslora": flag,
             "use_dora": flag,
             "rank_pattern": lambda v: dict(v or {}),
@@ -114,6 +128,7 @@ class PEFTConfig:
             "fan_in_fan_out": flag,
             "exclude_modules": lambda v: names(v) or None,
             "lora_bias": flag,
+            "init_lora_weights": init,
             "peft_type": lambda v: str(v or "LORA"),
         }
         fields = {}
@@ -149,7 +164,7 @@ class PEFTConfig:
         try:
             with open(file, encoding="utf-8") as f:
                 raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise AdapterConfigError(f"{file}: invalid JSON ({e}); re-save the adapter") from None
         return cls.from_dict(raw, source=file)
 
@@ -216,6 +231,21 @@ class PEFTConfig:
             problems.append(
                 f"modules_to_save={list(self.modules_to_save)} holds fully trained modules, which "
                 "multi-LoRA serving cannot swap per request; merge them into the base model"
+            )
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+            problems.append(
+                f"init_lora_weights={init!r} trains against a base model PEFT rewrote at init, "
+                "so on the original base it is wrong; convert it with PEFT "
+                "(save_pretrained(path_initial_model_for_weight_conversion=...)), or, when "
+                "serving that rewritten base model, set init_lora_weights to true"
+            )
+        elif isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+            problems.append(
+                f"init_lora_weights={init!r} is not an init method jlora knows "
+                f"({', '.join(_PLAIN_INITS)} only seed A and B; "
+                f"{', '.join(_BASE_REWRITING_INITS)} rewrite the base); if it left the base "
+                "weights untouched, set init_lora_weights to true"
             )
         if self.use_dora:
             problems.append("use_dora=True (DoRA) is not supported; merge the adapter instead")

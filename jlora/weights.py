@@ -45,6 +45,9 @@ def model_split_of(a_spec, b_spec) -> tuple[str, ...] | None:
     return split if split in ((), *MODEL_SPLITS) else None
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _has_shape(*xs) -> bool:
     # Pytree unflattening may pass placeholders (None, object()) instead of arrays: check only
     # real arrays so construction-time validation never breaks JAX's tree utilities.
@@ -72,11 +75,15 @@ class LoRALayerWeights:
     def __post_init__(self):
         scaling = self.scaling
         if isinstance(scaling, bool) or not (
-            isinstance(scaling, int | float | np.integer | np.floating) and math.isfinite(scaling)
+            isinstance(scaling, int | float | np.integer | np.floating)
+            and math.isfinite(scaling)
+            and abs(scaling) <= _FLOAT32_MAX
         ):
             # It multiplies every output of the module: an Inf or NaN here poisons all of them.
+            # Banks and merges hold it in float32, where a larger one becomes Inf.
             raise AdapterWeightsError(
-                f"module {self.module_name!r}: scaling must be a finite number, got {scaling!r}"
+                f"module {self.module_name!r}: scaling must be a finite number within float32's "
+                f"range (|s| <= {_FLOAT32_MAX:.4g}), got {scaling!r}; check lora_alpha and r"
             )
         if not _has_shape(self.lora_a, self.lora_b):
             return

@@ -85,8 +85,9 @@ def test_empty_safetensors(adapter):
     expect(AdapterWeightsError, adapter, "adapter_model.safetensors", "empty")
 
 
-def test_invalid_json(adapter):
-    (adapter / "adapter_config.json").write_text("{ r: 8,")
+@pytest.mark.parametrize("text", ["{ r: 8,", "[" * 100_000])  # the second nests too deep
+def test_invalid_json(adapter, text):
+    (adapter / "adapter_config.json").write_text(text)
     expect(AdapterConfigError, adapter, "adapter_config.json", "invalid JSON")
 
 
@@ -204,6 +205,11 @@ def test_nonpositive_alpha(adapter, alpha):
     expect(AdapterConfigError, adapter, "lora_alpha must be a positive finite number")
 
 
+def test_a_scaling_beyond_float32_is_refused_with_the_module_named(adapter):
+    edit_config(adapter, lora_alpha=1e40)  # finite in float64, Inf in the float32 scale bank
+    expect(LoRAError, adapter, "model.layers.0.", "within float32's range", "lora_alpha")
+
+
 def test_every_config_problem_reported_at_once(adapter):
     edit_config(adapter, r=0, lora_alpha=-1, use_dora=True, modules_to_save=["lm_head"])
     err = expect(AdapterConfigError, adapter)
@@ -226,9 +232,36 @@ def test_lora_a_without_lora_b(adapter):
     expect(AdapterWeightsError, adapter, MODULE, "has lora_A but no lora_B")
 
 
-def test_modules_to_save(adapter):
-    edit_config(adapter, modules_to_save=["score"])
-    expect(AdapterConfigError, adapter, "modules_to_save", "merge")
+@pytest.mark.parametrize("value", [["score"], "score"])  # PEFT takes a lone name unlisted
+def test_modules_to_save(adapter, value):
+    edit_config(adapter, modules_to_save=value)
+    expect(AdapterConfigError, adapter, "modules_to_save=['score']", "merge")
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_an_init_that_rewrote_the_base_model_is_refused(adapter, init):
+    # PiSSA and friends train against a base PEFT changed at init: on the original base, wrong.
+    edit_config(adapter, init_lora_weights=init)
+    expect(
+        AdapterConfigError,
+        adapter,
+        f"init_lora_weights={init!r}",
+        "path_initial_model_for_weight_conversion",
+        "set init_lora_weights to true",
+    )
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", ...])
+def test_an_init_that_only_seeds_a_and_b_loads(adapter, init):
+    edit_config(adapter, init_lora_weights=init)  # ...: the field left out
+    assert jlora.load_adapter(adapter).rank == 8
+
+
+def test_an_unknown_init_is_refused_and_a_mistyped_one_named(adapter):
+    edit_config(adapter, init_lora_weights="fancy")
+    expect(AdapterConfigError, adapter, "'fancy' is not an init method", "to true")
+    edit_config(adapter, init_lora_weights=5)
+    expect(AdapterConfigError, adapter, "field 'init_lora_weights' is malformed")
 
 
 def test_use_dora(adapter):

@@ -148,6 +148,14 @@ def _set_tensor(i, value):
         (lambda meta: meta.update(buffers={"../x": 4}), "buffer '../x'"),
         (lambda meta: meta.update(buffers={"float32": 6}), "not a whole number of float32"),
         (lambda meta: meta["modules"][0].update(layers=5), "metadata is corrupt (TypeError"),
+        (lambda meta: meta.update(id="abc"), "id 'abc' (an int >= 1)"),
+        (lambda meta: meta.update(id=0), "id 0 (an int >= 1)"),
+        (lambda meta: meta.update(name=7), "name 7 (a str)"),
+        (lambda meta: meta.update(path=["x"]), "path ['x'] (a str or null)"),
+        (
+            lambda meta: meta["modules"][0]["layers"][0].update(is_embedding="no"),
+            "is_embedding 'no' (a bool)",
+        ),
     ],
 )
 def test_corrupt_metadata_is_a_checkpoint_error(tmp_path, edit, fragment):

@@ -69,7 +69,7 @@ class TestWeights:
         with pytest.raises(AdapterWeightsError, match="bias"):
             LoRALayerWeights(lora_a=np.ones((4, 3)), lora_b=np.ones((3, 5)), bias=np.ones(4))
 
-    @pytest.mark.parametrize("scaling", [np.inf, -np.inf, np.nan, None, "2", True])
+    @pytest.mark.parametrize("scaling", [np.inf, -np.inf, np.nan, None, "2", True, 1e39, -4e38])
     def test_layer_rejects_a_scaling_that_is_not_a_finite_number(self, rng, scaling):
         with pytest.raises(AdapterWeightsError, match="'m': scaling must be a finite number"):
             layer(rng, scaling=scaling)

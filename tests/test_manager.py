@@ -245,6 +245,12 @@ def test_init_state_shapes_dtype_and_empty_slots():
     assert M.init_state(cfg, TOY_TARGETS, dtype=jnp.bfloat16).dtype == jnp.bfloat16
     cfg16 = dataclasses.replace(cfg, lora_dtype="float16")
     assert M.init_state(cfg16, TOY_TARGETS, dtype=jnp.bfloat16).dtype == np.float16
+    # A quantized base's dtype is no bank dtype (int8 banks would refuse every adapter later,
+    # fp8 ones round it): refused up front unless lora_dtype names one.
+    for base in (jnp.int8, jnp.float8_e4m3fn, jnp.float64):
+        with pytest.raises(jlora.LoRAConfigError, match="set LoRAConfig.lora_dtype"):
+            M.init_state(cfg, TOY_TARGETS, dtype=base)
+    assert M.init_state(cfg16, TOY_TARGETS, dtype=jnp.int8).dtype == np.float16
 
 
 def test_init_state_refuses_ambiguous_targets():
@@ -475,6 +481,12 @@ def test_same_adapter_twice_is_a_noop_and_same_id_other_weights_is_refused():
         M.add_adapter(state, make_adapter(1, seed=99))
     with pytest.raises(AdapterMismatchError, match="already registered"):
         M.add_adapter(state, make_adapter(1, name="other"))
+    # Equal weights from another path: another adapter (a request would reload the first path).
+    at_a = M.add_adapter(toy_state(), make_adapter(1, path="/a"))
+    assert M.add_adapter(at_a, make_adapter(1, path="/a/../a")).cache[1].path == "/a"
+    assert M.add_adapter(at_a, make_adapter(1)).cache[1].path == "/a"  # no path: same adapter
+    with pytest.raises(AdapterMismatchError, match="differs \\(path '/b', not '/a'\\)"):
+        M.add_adapter(at_a, make_adapter(1, path="/b"))
     assert_unchanged(state, snap)
 
 
