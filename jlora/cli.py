@@ -122,6 +122,15 @@ def cmd_demo(args) -> int:
         num_attention_heads=8,
         num_key_value_heads=4,
     )
+    # Room for the largest prompt bucket (64) plus the new tokens, within the model's positions.
+    most = config.max_position_embeddings - 64
+    if args.max_tokens > most:
+        print(
+            f"error: --max-tokens {args.max_tokens}: at most {most} (the demo model's "
+            f"{config.max_position_embeddings} positions less a 64-token prompt bucket)",
+            file=sys.stderr,
+        )
+        return 2
     model = random_llama(config, seed=0)
     rng = np.random.default_rng(0)
     specs = [  # name, rank, alpha, projections
@@ -207,6 +216,9 @@ def cmd_bench(args) -> int:
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         print(f"error: --plot {args.plot}: no such directory", file=sys.stderr)
         return 2
+    if args.plot and (why := _unplottable(args.plot)):  # before the run, not after it
+        print(f"error: --plot {args.plot}: {why}", file=sys.stderr)
+        return 2
     cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     steps = (
         2
@@ -267,6 +279,19 @@ def print_bench(r: dict) -> None:
             f"{n} adapters: {v['tok_s']:,.1f} tok/s" for n, v in row.items() if n != "drop"
         )
         print(f"skewed alpha={alpha}: {cells}; drop {100 * row['drop']:.1f}%")
+
+
+def _unplottable(path: str) -> str:
+    """Why matplotlib would not write ``path`` as asked ("" when it would)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if os.path.isdir(path):
+        return "is a directory; name the image file"
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if ext not in formats:
+        return f"the name must end in an image format matplotlib writes ({', '.join(formats)})"
+    return ""
 
 
 def plot_bench(r: dict, path: str) -> None:

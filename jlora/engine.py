@@ -140,6 +140,8 @@ class Engine:
         max_batch: int = 32,
         max_seq_len: int = 256,
     ):
+        if not isinstance(lora_config, LoRAConfig):
+            raise TypeError(f"lora_config must be a LoRAConfig, got {type(lora_config).__name__}")
         if not is_int(max_batch) or max_batch < 1 or max_batch & (max_batch - 1):
             raise LoRAConfigError(f"max_batch must be a power of two >= 1, got {max_batch!r}")
         if not is_int(max_seq_len) or max_seq_len < token_bucket(1) + 1:

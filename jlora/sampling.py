@@ -9,7 +9,6 @@ and jlora.config.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,8 @@ from jax import lax
 
 from jlora.config import is_int
 from jlora.errors import LoRAConfigError
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,8 +56,11 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in items))
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             problems.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
-            problems.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        # The step holds it in float32, where a larger one is Inf (and samples uniformly).
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= _FLOAT32_MAX:
+            problems.append(
+                f"temperature must be a finite float32 number >= 0, got {self.temperature!r}"
+            )
         if not is_int(self.top_k) or not 0 <= self.top_k < 2**31:
             problems.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
@@ -135,7 +139,8 @@ def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     # Keep a token while the mass before it is below top_p: the top token always survives.
     # top_p = 1 keeps everything, also where rounding lets the running mass reach 1.
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (rank < k) & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
+    # rank 0 by name: a top_p that rounds to 0 in float32 (1e-40) would keep nothing.
+    keep = (rank < k) & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1) | (rank == 0))
     rows = jnp.arange(batch)[:, None]
     return jnp.zeros((batch, vocab), bool).at[rows, order].set(keep)
 

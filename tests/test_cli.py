@@ -129,6 +129,18 @@ def test_bench_refuses_what_would_fail_after_the_run(monkeypatch, capsys, tmp_pa
     assert "no such directory" in capsys.readouterr().err
     assert cli.main(["bench", "--no-skewed", "--plot", str(tmp_path / "p.png")]) == 2
     assert "--no-skewed" in capsys.readouterr().err
+    # Names matplotlib would refuse, or silently write elsewhere (dir.png, noext.png).
+    for name, why in (("p.xyz", "image format"), ("noext", "image format"), ("", "a directory")):
+        assert cli.main(["bench", "--plot", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --plot") and why in err, err
+
+
+def test_demo_refuses_more_tokens_than_the_model_has_positions(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "print_table", lambda *a: pytest.fail("adapters were written"))
+    assert cli.main(["demo", "--max-tokens", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-tokens 5000: at most 1984"), err
 
 
 def test_demo_max_tokens_error_names_no_private_function(capsys):

@@ -319,3 +319,10 @@ def test_requests_without_a_seed_sample_independently(engine):
     seeded = SamplingParams(max_tokens=8, temperature=2.0, seed=5)
     outs = engine.generate([prompt] * 2, None, seeded)
     assert outs[0].tokens == outs[1].tokens
+
+
+def test_engine_takes_a_lora_config_only():
+    from jlora.engine import Engine
+
+    with pytest.raises(TypeError, match="lora_config must be a LoRAConfig, got str"):
+        Engine(object(), "cfg")  # checked first: named, not an AttributeError deep inside

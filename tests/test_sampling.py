@@ -48,6 +48,17 @@ def test_top_p_keeps_nucleus():
     assert set(np.asarray(tokens).tolist()) == {0, 1}
 
 
+def test_a_top_p_that_rounds_to_zero_keeps_the_top_token(rng):
+    # 1e-40 is a float32 subnormal (0 where the CPU flushes them), 1e-50 is 0: either way the
+    # top token stays, as for any top_p > 0, and sampling is then greedy (never token 0).
+    logits = rng.standard_normal((8, 30)).astype(np.float32)
+    logits[:, 0] = -5.0
+    for top_p in (1e-40, 1e-50):
+        SamplingParams(temperature=1.0, top_p=top_p)  # a valid request
+        tokens, _ = run(logits, temperature=1.0, top_p=top_p, seeds=np.arange(8))
+        np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
 def test_seed_stream_independent_of_batch_mates(rng):
     logits = rng.standard_normal((4, 100)).astype(np.float32)
     alone, _ = run(logits[2:3], temperature=1.0, seeds=[7], steps=[3])
@@ -97,6 +108,7 @@ def test_top_p_measures_the_renormalized_top_k_set_as_vllm_does():
         dict(temperature=None),
         dict(temperature="1"),
         dict(temperature=float("inf")),
+        dict(temperature=1e39),  # Inf in float32
         dict(top_k=-1),
         dict(top_k=2**31),
         dict(top_p=0.0),
