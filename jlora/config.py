@@ -17,6 +17,8 @@ import numpy as np
 from jlora.errors import LoRAConfigError
 
 LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")
+# Scales and sampling parameters are held in float32: a larger finite float64 becomes Inf there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,10 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlora.config import is_int
+from jlora.config import FLOAT32_MAX, is_int
 from jlora.errors import LoRAConfigError
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,7 +55,7 @@ class SamplingParams:
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             problems.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         # The step holds it in float32, where a larger one is Inf (and samples uniformly).
-        if not _is_real(self.temperature) or not 0 <= self.temperature <= _FLOAT32_MAX:
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= FLOAT32_MAX:
             problems.append(
                 f"temperature must be a finite float32 number >= 0, got {self.temperature!r}"
             )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jlora.config import is_int
+from jlora.config import FLOAT32_MAX, is_int
 from jlora.errors import AdapterMismatchError, AdapterWeightsError, UnknownAdapterError
 
 # The axes of a `jlora.sharding` mesh: batch rows on DATA, tensor parallelism on MODEL.
@@ -43,9 +43,6 @@ def model_split_of(a_spec, b_spec) -> tuple[str, ...] | None:
     split = tuple(dim for dim, e in zip(("in", "rank"), a[1:], strict=True) if e)
     split += ("out",) if b[2] else ()
     return split if split in ((), *MODEL_SPLITS) else None
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _has_shape(*xs) -> bool:
@@ -77,13 +74,13 @@ class LoRALayerWeights:
         if isinstance(scaling, bool) or not (
             isinstance(scaling, int | float | np.integer | np.floating)
             and math.isfinite(scaling)
-            and abs(scaling) <= _FLOAT32_MAX
+            and abs(scaling) <= FLOAT32_MAX
         ):
             # It multiplies every output of the module: an Inf or NaN here poisons all of them.
             # Banks and merges hold it in float32, where a larger one becomes Inf.
             raise AdapterWeightsError(
                 f"module {self.module_name!r}: scaling must be a finite number within float32's "
-                f"range (|s| <= {_FLOAT32_MAX:.4g}), got {scaling!r}; check lora_alpha and r"
+                f"range (|s| <= {FLOAT32_MAX:.4g}), got {scaling!r}; check lora_alpha and r"
             )
         if not _has_shape(self.lora_a, self.lora_b):
             return
