@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -63,6 +64,14 @@ _ACTIVE: contextvars.ContextVar[LoRAContext | None] = contextvars.ContextVar(
     "jlora_lora_context", default=None
 )
 
+# JAX caches the traces of `jax.checkpoint` (`nnx.remat`) and inner `jit`s by their arguments and
+# its own trace context, which a contextvar is not part of: a layer traced once without (or with
+# another) context would have its trace reused. Each traced context enters a fresh key of JAX's
+# trace context, so those caches miss. Eager contexts share one key: a fresh one each would
+# recompile every jitted jnp op called inside.
+_TRACE_KEY = jax.make_user_context(None)
+_TRACE_SERIAL = itertools.count(1)
+
 
 @contextlib.contextmanager
 def lora_context(
@@ -78,12 +87,12 @@ def lora_context(
       impl: ``jlora.ops.add_lora``'s ``impl``: ``"auto"`` (Pallas on GPU, XLA elsewhere),
         ``"pallas"`` or ``"xla"``.
       strict: on leaving the context, raise ``AdapterMismatchError`` naming any bank that no
-        wrapped layer read (its LoRA was not applied: a name that matches no layer, or layers
-        whose trace JAX reused from a call without this context, as ``nnx.remat``,
-        ``jax.checkpoint`` or an inner ``jit`` around wrapped layers do: not supported). Pass
+        wrapped layer read (its LoRA was not applied: a name that matches no layer). Pass
         ``strict=False`` for a call that runs only part of the model.
 
-    Contexts nest; the innermost one wins. Enter it inside ``jax.jit`` (see the module docstring):
+    Contexts nest; the innermost one wins. Wrapped layers under ``nnx.remat``, ``jax.checkpoint``
+    or an inner ``jit`` see it too (each traced context is a fresh key of JAX's trace context, so
+    their cached traces are not reused). Enter it inside ``jax.jit`` (see the module docstring):
     a wrapped layer traced under a transformation while the context holds concrete arrays raises,
     because those arrays would be baked into the compiled program as constants. Under
     ``jax.vmap`` the mapping applies to each vmapped call as a whole: to vmap over the batch,
@@ -112,9 +121,11 @@ def lora_context(
                 )
         normalized[name] = slices
     ctx = LoRAContext(banks=normalized, mapping=mapping, impl=impl)
+    key = next(_TRACE_SERIAL) if isinstance(mapping.token_slots, jax.core.Tracer) else "concrete"
     token = _ACTIVE.set(ctx)
     try:
-        yield ctx
+        with _TRACE_KEY(key):
+            yield ctx
     finally:
         _ACTIVE.reset(token)
     unread = [name for name in normalized if name not in ctx.read]
@@ -123,9 +134,8 @@ def lora_context(
         raise AdapterMismatchError(
             f"lora_context: no wrapped layer read the banks of {shown} ({len(unread)} of "
             f"{len(normalized)}), so their LoRA was not applied. Key banks by the names "
-            "jlora.find_targets(model) gives; layers under nnx.remat, jax.checkpoint or an inner "
-            "jit reuse a trace made without this context and cannot be served (remove the "
-            "remat for serving). For a call that runs only part of the model, pass strict=False"
+            "jlora.find_targets(model) gives. For a call that runs only part of the model, pass "
+            "strict=False"
         )
 
 
