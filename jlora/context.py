@@ -64,11 +64,11 @@ _ACTIVE: contextvars.ContextVar[LoRAContext | None] = contextvars.ContextVar(
     "jlora_lora_context", default=None
 )
 
-# JAX caches the traces of `jax.checkpoint` (`nnx.remat`) and inner `jit`s by their arguments and
-# its own trace context, which a contextvar is not part of: a layer traced once without (or with
-# another) context would have its trace reused. Each traced context enters a fresh key of JAX's
-# trace context, so those caches miss. Eager contexts share one key: a fresh one each would
-# recompile every jitted jnp op called inside.
+# JAX caches the traces of `jax.checkpoint` (`nnx.remat`), inner `jit`s and lax loop bodies by
+# their arguments and its own trace context, which a contextvar is not part of: a layer traced
+# once without (or with another) context would have its trace reused. Each traced context enters
+# a fresh key of JAX's trace context, so those caches miss. Eager contexts share one key: a fresh
+# one each would recompile every jitted jnp op called inside.
 _TRACE_KEY = jax.make_user_context(None)
 _TRACE_SERIAL = itertools.count(1)
 
@@ -90,11 +90,12 @@ def lora_context(
         wrapped layer read (its LoRA was not applied: a name that matches no layer). Pass
         ``strict=False`` for a call that runs only part of the model.
 
-    Contexts nest; the innermost one wins. Wrapped layers under ``nnx.remat``, ``jax.checkpoint``
-    or an inner ``jit`` see it too (each traced context is a fresh key of JAX's trace context, so
-    their cached traces are not reused). Enter it inside ``jax.jit`` (see the module docstring):
-    a wrapped layer traced under a transformation while the context holds concrete arrays raises,
-    because those arrays would be baked into the compiled program as constants. Under
+    Contexts nest; the innermost one wins. Wrapped layers under ``nnx.remat``, ``jax.checkpoint``,
+    an inner ``jit`` or in a ``lax`` loop body see it too (each traced context is a fresh key of
+    JAX's trace context, so their cached traces are not reused). Enter it inside ``jax.jit`` (see
+    the module docstring): a wrapped layer traced under a transformation while the context holds
+    concrete arrays raises, because those arrays would be baked into the compiled program as
+    constants. Under
     ``jax.vmap`` the mapping applies to each vmapped call as a whole: to vmap over the batch,
     enter the context inside the vmapped function with each example's own mapping.
     """

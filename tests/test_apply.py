@@ -969,6 +969,39 @@ def test_layers_under_remat_or_an_inner_jit_are_served(how, rng):
     np.testing.assert_array_equal(forward(x), base)
 
 
+def _loop_step(_, carry):
+    # Module-level, so lax.fori_loop's cache of its body's trace sees one function.
+    graphdef, state, x = carry
+    return graphdef, state, nnx.merge(graphdef, state)(x)
+
+
+def _three_steps(graphdef, state, x):
+    return jax.lax.fori_loop(0, 3, _loop_step, (graphdef, state, x))[2]
+
+
+def test_a_lax_loop_over_the_model_is_served(rng):
+    model = apply(NNXMLP(nnx.Rngs(int(rng.integers(1 << 30)))))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def loop(state, banks, mapping, x):
+        if banks is None:
+            return _three_steps(graphdef, state, x)
+        with lora_context(banks, mapping):
+            return _three_steps(graphdef, state, x)
+
+    x = jnp.asarray(rng.standard_normal((3, 4, 12)), jnp.float32)
+    mapping = padded_batch_mapping([1, 0, 2], 4, num_slots=3)
+    base = loop(state, None, mapping, x)  # the loop body is first traced without a context
+    banks = {"fc1": _random_bank(rng, 12, 24), "fc2": _random_bank(rng, 24, 12)}
+    forward, want = nnx_forward(model), x
+    for _ in range(3):
+        want = forward(want, banks, mapping)
+    y = loop(state, banks, mapping, x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(y[0], base[0], atol=1e-3)  # slot 1's rows got their LoRA
+
+
 def test_eager_contexts_reuse_their_compiled_ops(rng):
     # Each traced context is a fresh key of JAX's trace context; eager ones must share one, or
     # every jitted jnp op a layer calls would compile again in every new context.
