@@ -142,6 +142,11 @@ class Engine:
     ):
         if not isinstance(lora_config, LoRAConfig):
             raise TypeError(f"lora_config must be a LoRAConfig, got {type(lora_config).__name__}")
+        if not isinstance(model, nnx.Module) or not hasattr(model, "config"):
+            raise TypeError(
+                "Engine needs an NNX causal LM with a .config and jlora.models.llama's calling "
+                f"convention (ids, positions, kv cache), got {type(model).__name__}"
+            )
         if not is_int(max_batch) or max_batch < 1 or max_batch & (max_batch - 1):
             raise LoRAConfigError(f"max_batch must be a power of two >= 1, got {max_batch!r}")
         if not is_int(max_seq_len) or max_seq_len < token_bucket(1) + 1:
@@ -214,6 +219,9 @@ class Engine:
         step and one prefill per rows bucket (1, 2, 4, ..., ``max_batch``) per prompt-length
         bucket, and the adapter manager's slot writers. Returns the seconds it took. Serving
         loops call it once, before traffic."""
+        prompt_lengths = list(prompt_lengths)
+        if not all(is_int(n) and n >= 1 for n in prompt_lengths):
+            raise LoRAConfigError(f"prompt_lengths must be ints >= 1, got {prompt_lengths}")
         start = time.perf_counter()
         with self._exclusive("warmup"):
             self.state = manager.warmup(self.state)
@@ -254,6 +262,8 @@ class Engine:
             return self._generate(prompts, lora_requests, sampling_params, on_token)
 
     def _generate(self, prompts, lora_requests, sampling_params, on_token) -> list[RequestOutput]:
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token must be None or a callable, got {type(on_token).__name__}")
         n = len(prompts)
         if isinstance(lora_requests, LoRARequest):
             raise LoRAConfigError(
@@ -326,7 +336,10 @@ class Engine:
         return [s.output() for s in seqs]
 
     def _new_seq(self, i, prompt, request, params) -> _Seq:
-        prompt = np.asarray(prompt)
+        try:
+            prompt = np.asarray(prompt)
+        except (ValueError, TypeError):  # ragged: NumPy refuses it
+            prompt = np.zeros((0,))
         if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
             raise LoRAConfigError(f"prompt {i} must be a non-empty list of int token ids")
         vocab = self.model.config.vocab_size

@@ -118,18 +118,22 @@ def _draw(logits, temperature, top_k, top_p, seeds, steps) -> jax.Array:
     truncating = (temperature > 0) & ((top_k > 0) | (top_p < 1))
     allowed = lax.cond(
         jnp.any(truncating),
-        lambda: _top_k_top_p(scaled, top_k, top_p),
+        lambda: _top_k_top_p(logits, scaled, top_k, top_p),
         lambda: jnp.ones(scaled.shape, bool),
     )
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
     return jax.vmap(jax.random.categorical)(keys, jnp.where(allowed, scaled, -jnp.inf))
 
 
-def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def _top_k_top_p(
+    logits: jax.Array, scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
     """bool ``[B, V]``: the tokens each row's top-k and top-p keep (all of them when both are
     off). As in vLLM and HF, top-p measures the mass of the top-k set renormalized."""
     batch, vocab = scaled.shape
-    order = jnp.argsort(-scaled, axis=-1)
+    # Ranked by the raw logits: a huge temperature rounds every scaled logit to 0, a tie that
+    # would rank token 0 first.
+    order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(vocab)[None, :]
     k = jnp.where(top_k > 0, top_k, vocab)[:, None]

@@ -145,6 +145,7 @@ def test_stop_tokens_and_streaming(engine):
     [
         ([[]], {}, "non-empty"),
         ([[1.7, 2.9]], {}, "int token ids"),
+        ([[[1, 2], [3]]], {}, "int token ids"),  # ragged
         ([["a", "b"]], {}, "int token ids"),
         ([[1, 2**31]], {}, "outside"),
         ([[1, 999]], {}, "outside"),
@@ -176,6 +177,17 @@ def test_bad_requests(engine, prompts, kwargs, fragment):
 def test_bad_engine_settings(base_model, kwargs):
     with pytest.raises(jlora.LoRAConfigError, match=next(iter(kwargs))):
         Engine(base_model, jlora.LoRAConfig(max_loras=1, max_lora_rank=16), **kwargs)
+
+
+def test_engine_type_checks(base_model, engine):
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16)
+    with pytest.raises(TypeError, match="NNX causal LM"):
+        Engine(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), config)
+    with pytest.raises(TypeError, match="on_token must be None or a callable"):
+        engine.generate([[1, 2]], on_token=5)
+    for lengths in ([3.5], [0], [-3]):
+        with pytest.raises(jlora.LoRAConfigError, match="prompt_lengths must be ints >= 1"):
+            engine.warmup(lengths)
 
 
 def test_slots_pinned_by_unused_adapters_raise_instead_of_waiting_forever(base_model, requests):

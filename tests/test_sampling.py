@@ -42,6 +42,14 @@ def test_top_k_one_is_greedy_and_top_k_bounds_choices(rng):
     assert len(set(np.asarray(tokens) == logits.argmax(-1))) == 2  # really sampled
 
 
+def test_top_k_ranks_by_the_logits_at_any_temperature(rng):
+    # At 3e38 every logit / temperature rounds to 0; the ranking must not see that tie.
+    logits = rng.standard_normal((8, 30)).astype(np.float32)
+    logits[:, 0] = -5.0
+    tokens, _ = run(logits, temperature=3e38, top_k=1, seeds=np.arange(8))
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
 def test_top_p_keeps_nucleus():
     logits = np.log(np.array([[0.6, 0.3, 0.05, 0.05]] * 200, np.float32))
     tokens, _ = run(logits, temperature=1.0, top_p=0.8, seeds=np.arange(200))
