@@ -860,12 +860,22 @@ def _fit(layout: _Layout, model: LoRAModel, *, checked: bool) -> LoRAModel:
                         "(re-export it from training)"
                     )
     dtype = layout.dtype
-    if all(_is_host_ready(x, dtype) for x in jax.tree.leaves(model)):
+    # The cache keeps read-only arrays (as the loaders hand out) as they are; others are copied
+    # and frozen, or a caller reusing its buffer would change what the slots serve.
+    if all(_is_host_ready(x, dtype) and not x.flags.writeable for x in jax.tree.leaves(model)):
         return model
     with np.errstate(over="ignore"):  # an overflow is refused below, naming the module
-        converted = model.optimize(dtype)
+        converted = jax.tree.map(lambda x: _frozen_copy(x, dtype), model)
     _check_cast(model, converted, dtype)
     return converted
+
+
+def _frozen_copy(x, dtype: np.dtype) -> np.ndarray:
+    if _is_host_ready(x, dtype) and not x.flags.writeable:
+        return x
+    x = np.array(x, dtype=dtype, order="C")  # always a copy
+    x.setflags(write=False)
+    return x
 
 
 def _check_cast(model: LoRAModel, converted: LoRAModel, dtype: np.dtype) -> None:

@@ -248,7 +248,9 @@ class PEFTConfig:
                 "weights untouched, set init_lora_weights to true"
             )
         if self.use_dora:
-            problems.append("use_dora=True (DoRA) is not supported; merge the adapter instead")
+            problems.append(
+                "use_dora=True (DoRA) is not supported; merge it with PEFT's merge_and_unload"
+            )
         # bias='all' / 'lora_only' retrain the base model's own biases: the loader refuses the
         # tensors if the file holds any (a model without biases, like Llama, saves none).
         if self.bias not in ("none", "all", "lora_only"):

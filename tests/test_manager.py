@@ -435,6 +435,8 @@ def test_transposed_views_are_cached_without_a_copy_and_written_correctly():
         for k, w in a.loras.items()
     }
     model = a.replace(loras=torch_layout)
+    for x in jax.tree.leaves(model):
+        x.setflags(write=False)  # read-only, as the loaders hand them out
     assert not model.loras["mlp.down"].lora_a.flags.c_contiguous
     state = M.add_adapter(toy_state(), model)
     assert state.cache[1] is model
@@ -464,7 +466,9 @@ def test_dtype_is_converted_on_add_and_fp32_adapter_fits_bf16_banks():
     state = M.add_adapter(toy_state(dtype=jnp.bfloat16), make_adapter(1))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.cache[1]))
     a = make_adapter(1)
-    assert M.add_adapter(toy_state(), a).cache[1] is a  # already host-ready: no copy
+    for x in jax.tree.leaves(a):
+        x.setflags(write=False)
+    assert M.add_adapter(toy_state(), a).cache[1] is a  # host-ready and read-only: no copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +492,18 @@ def test_same_adapter_twice_is_a_noop_and_same_id_other_weights_is_refused():
     with pytest.raises(AdapterMismatchError, match="differs \\(path '/b', not '/a'\\)"):
         M.add_adapter(at_a, make_adapter(1, path="/b"))
     assert_unchanged(state, snap)
+
+
+def test_the_cache_keeps_its_own_copy_of_a_callers_arrays():
+    a = make_adapter(1)
+    original = make_adapter(1)
+    state = M.add_adapter(toy_state(), a)
+    for layer in a.loras.values():  # the caller reuses its buffers after add_adapter
+        layer.lora_a[...] = 7.0
+        layer.lora_b[...] = 7.0
+    assert bookkeeping(M.add_adapter(state, original)) == bookkeeping(state)  # still the same
+    check_invariants(M.activate_adapter(state, 1), {1: original})
+    assert all(not x.flags.writeable for x in jax.tree.leaves(state.cache[1]))
 
 
 def test_same_request_twice_is_a_noop_and_same_id_other_path_is_refused():
