@@ -95,9 +95,9 @@ def lora_context(
     JAX's trace context, so their cached traces are not reused). Enter it inside ``jax.jit`` (see
     the module docstring): a wrapped layer traced under a transformation while the context holds
     concrete arrays raises, because those arrays would be baked into the compiled program as
-    constants. Under
-    ``jax.vmap`` the mapping applies to each vmapped call as a whole: to vmap over the batch,
-    enter the context inside the vmapped function with each example's own mapping.
+    constants. Under ``jax.vmap`` the mapping applies to each vmapped call as a whole: to vmap
+    over the batch, enter the context inside the vmapped function with each example's own
+    mapping.
     """
     if impl not in ops.IMPLS:
         raise LoRAConfigError(f"lora_context: impl={impl!r} is not one of {ops.IMPLS}")

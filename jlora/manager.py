@@ -862,17 +862,19 @@ def _fit(layout: _Layout, model: LoRAModel, *, checked: bool) -> LoRAModel:
     dtype = layout.dtype
     # The cache keeps read-only arrays (as the loaders hand out) as they are; others are copied
     # and frozen, or a caller reusing its buffer would change what the slots serve.
-    if all(_is_host_ready(x, dtype) and not x.flags.writeable for x in jax.tree.leaves(model)):
+    if all(_is_frozen(x, dtype) for x in jax.tree.leaves(model)):
         return model
     with np.errstate(over="ignore"):  # an overflow is refused below, naming the module
-        converted = jax.tree.map(lambda x: _frozen_copy(x, dtype), model)
+        converted = jax.tree.map(lambda x: x if _is_frozen(x, dtype) else _frozen(x, dtype), model)
     _check_cast(model, converted, dtype)
     return converted
 
 
-def _frozen_copy(x, dtype: np.dtype) -> np.ndarray:
-    if _is_host_ready(x, dtype) and not x.flags.writeable:
-        return x
+def _is_frozen(x, dtype: np.dtype) -> bool:
+    return _is_host_ready(x, dtype) and not x.flags.writeable
+
+
+def _frozen(x, dtype: np.dtype) -> np.ndarray:
     x = np.array(x, dtype=dtype, order="C")  # always a copy
     x.setflags(write=False)
     return x
