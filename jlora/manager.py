@@ -643,6 +643,8 @@ class _Plan:
     def register_model(self, model: LoRAModel, protect: frozenset[int]) -> None:
         if not _is_id(model.id):
             raise AdapterMismatchError(f"adapter {model.name!r}: ids are ints >= 1, got {model.id}")
+        if type(model.id) is not int:  # as LoRARequest does: a NumPy id prints differently
+            model = model.replace(id=int(model.id))
         existing = self.cache.get(model.id)
         if existing is model:
             return  # the same adapter again: no-op

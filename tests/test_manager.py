@@ -494,6 +494,13 @@ def test_same_adapter_twice_is_a_noop_and_same_id_other_weights_is_refused():
     assert_unchanged(state, snap)
 
 
+def test_a_numpy_id_is_kept_as_a_python_int():
+    state = M.add_adapter(toy_state(), make_adapter(1).replace(id=np.int64(1)))
+    state = M.activate_adapter(state, 1)
+    ids = [*state.lru, *state.cache, state.cache[1].id, *(i for i in state.slots if i)]
+    assert ids and all(type(i) is int for i in ids)
+
+
 def test_the_cache_keeps_its_own_copy_of_a_callers_arrays():
     a = make_adapter(1)
     original = make_adapter(1)
