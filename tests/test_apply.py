@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from compile_counter import CompileCounter
 from flax import nnx
+from test_reference import random_banks
 
 import jlora.manager as mgr
 from jlora.apply import LoRALinenModel, apply, find_targets, linen_path_to_name
@@ -911,14 +912,8 @@ class LinenTransformedBlock(nn.Module):
         return nn.Dense(12, name="head")(jnp.tanh(h))
 
 
-def _random_bank(rng, in_dim, out_dim, rank=4, num_slots=3):
-    bank = LoRABank.zeros(num_slots, in_dim, out_dim, rank)
-    a = rng.standard_normal((num_slots - 1, in_dim, rank)) / np.sqrt(in_dim)
-    b = rng.standard_normal((num_slots - 1, rank, out_dim))
-    scale = rng.uniform(0.5, 2.0, num_slots - 1)
-    return bank.replace(
-        a=bank.a.at[1:].set(a), b=bank.b.at[1:].set(b), scale=bank.scale.at[1:].set(scale)
-    )
+def random_bank(rng, in_dim, out_dim):
+    return random_banks(rng, 3, in_dim, [out_dim], 4, jnp.float32)[0]
 
 
 def _reference(params, banks, slots, x):
@@ -960,7 +955,7 @@ def test_layers_under_remat_or_an_inner_jit_are_served(how, rng):
     base = forward(x)
     for seq_len, slots in [(5, [1, 0, 2]), (5, [2, 2, 1]), (2, [0, 1, 2])]:
         # Fresh bank values each call (no retrace), and a new outer trace for the new seq_len.
-        banks = {"fc": _random_bank(rng, 12, 24), "head": _random_bank(rng, 24, 12)}
+        banks = {"fc": random_bank(rng, 12, 24), "head": random_bank(rng, 24, 12)}
         xs = x[:, :seq_len]
         y = forward(xs, banks, padded_batch_mapping(slots, seq_len, num_slots=3))
         np.testing.assert_allclose(y, _reference(params, banks, slots, xs), rtol=1e-4, atol=1e-4)
@@ -993,7 +988,7 @@ def test_a_lax_loop_over_the_model_is_served(rng):
     x = jnp.asarray(rng.standard_normal((3, 4, 12)), jnp.float32)
     mapping = padded_batch_mapping([1, 0, 2], 4, num_slots=3)
     base = loop(state, None, mapping, x)  # the loop body is first traced without a context
-    banks = {"fc1": _random_bank(rng, 12, 24), "fc2": _random_bank(rng, 24, 12)}
+    banks = {"fc1": random_bank(rng, 12, 24), "fc2": random_bank(rng, 24, 12)}
     forward, want = nnx_forward(model), x
     for _ in range(3):
         want = forward(want, banks, mapping)
@@ -1010,7 +1005,7 @@ def test_eager_contexts_reuse_their_compiled_ops(rng):
     mapping = padded_batch_mapping([1, 0], 3, num_slots=3)
 
     def call():
-        banks = {"fc1": _random_bank(rng, 12, 24), "fc2": _random_bank(rng, 24, 12)}
+        banks = {"fc1": random_bank(rng, 12, 24), "fc2": random_bank(rng, 24, 12)}
         with lora_context(banks, mapping):
             return model(x)
 
