@@ -302,7 +302,8 @@ def matches_target(
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
     else:
         for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
+            # As PEFT: the pattern follows a dot, so a name that starts with it has no layer.
+            match = re.match(rf".*?\.{pattern}\.(?P<idx>\d+)\.", module_name)
             if match:
                 break
     return match is not None and int(match.group("idx")) in layers_to_transform

@@ -169,6 +169,18 @@ class TestPEFTConfig:
         assert matches_target("model.layers.1.self_attn.q_proj", ("q_proj",), (1,))
         assert not matches_target("model.layers.0.self_attn.q_proj", ("q_proj",), (1,))
 
+    def test_layers_pattern_follows_a_dot_and_takes_the_first_index(self):
+        # as current PEFT check_target_module_exists: r".*?\.{pattern}\.(\d+)\."
+        q = ("q_proj",)
+        assert matches_target("model.layers.1.self_attn.q_proj", q, (1,), ("layers",))
+        assert matches_target("transformer.h.2.attn.q_proj", q, (2,), ("layers", "h"))
+        assert not matches_target("transformer.h.2.attn.q_proj", q, (2,), ("layers",))
+        # a name that starts with the pattern has no dot before it, hence no layer
+        assert not matches_target("layers.1.self_attn.q_proj", q, (1,), ("layers",))
+        # the layer index, not an expert index nested inside the layer
+        moe = "model.layers.1.experts.0.q_proj"
+        assert matches_target(moe, q, (1,), ("layers",)) and not matches_target(moe, q, (0,))
+
     def test_exact_name_ignores_layer_filter_and_exclude_wins(self):
         # as peft.tuners.tuners_utils.check_target_module_exists (PEFT 0.21)
         name = "model.layers.0.self_attn.q_proj"
