@@ -104,7 +104,7 @@ def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool =
             f"{path}: adapter {model.name!r} has path {model.path!r}; pass a str, a PathLike "
             "or None"
         )
-    packer = _Packer()
+    packer = _Packer(path)
     modules: list[dict] = []
     for name, weights in model.loras.items():
         if isinstance(weights, PackedLoRALayerWeights):
@@ -329,19 +329,28 @@ def _read_buffers(directory: str, sizes: dict[str, int]) -> dict[str, tuple[np.n
 class _Packer:
     """Collects arrays into one flat buffer per dtype, recording where each one went."""
 
-    def __init__(self):
+    def __init__(self, path: str):
+        self.path = path
         self.parts: dict[str, list[np.ndarray]] = {}
         self.sizes: dict[str, int] = {}
 
-    def add(self, x) -> list | None:
+    def add(self, x, what: str) -> list | None:
         if x is None:
             return None
         x = np.asarray(x)
         key = x.dtype.name
         if key not in _BUFFER_DTYPES:
             raise CheckpointError(
-                f"a LoRA tensor has dtype {key}; checkpoints hold {sorted(_BUFFER_DTYPES)}: "
-                "cast the adapter first (LoRAModel.optimize(dtype))"
+                f"{self.path}: {what} has dtype {key}; checkpoints hold "
+                f"{sorted(_BUFFER_DTYPES)}: cast the adapter first (LoRAModel.optimize(dtype))"
+            )
+        # Restore refuses NaN/Inf, so a save must too, before it replaces a good checkpoint.
+        bad = count_nonfinite(x)
+        if bad:
+            raise CheckpointError(
+                f"{self.path}: {what} holds {bad} NaN/Inf values; a checkpoint of it could "
+                "not be restored: fix the adapter's weights (a cast to a narrower dtype can "
+                "overflow to Inf)"
             )
         offset = self.sizes.get(key, 0)
         self.parts.setdefault(key, []).append(x.reshape(-1))
@@ -353,9 +362,9 @@ class _Packer:
             "module_name": w.module_name,
             "scaling": float(w.scaling),
             "is_embedding": bool(w.is_embedding),
-            "a": self.add(w.lora_a),
-            "b": self.add(w.lora_b),
-            "bias": self.add(w.bias),
+            "a": self.add(w.lora_a, f"module {w.module_name!r} lora_a"),
+            "b": self.add(w.lora_b, f"module {w.module_name!r} lora_b"),
+            "bias": self.add(w.bias, f"module {w.module_name!r} bias"),
         }
 
     def buffers(self) -> dict[str, np.ndarray]:

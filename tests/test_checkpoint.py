@@ -179,12 +179,32 @@ def test_unreadable_metadata_json_is_a_checkpoint_error(tmp_path):
 
 def test_save_refuses_dtypes_it_cannot_name(tmp_path):
     layer = LoRALayerWeights(
-        lora_a=np.ones((4, 2), jnp.float8_e4m3fn), lora_b=np.ones((2, 3), jnp.float8_e4m3fn)
+        module_name="model.q_proj",
+        lora_a=np.ones((4, 2), jnp.float8_e4m3fn),
+        lora_b=np.ones((2, 3), jnp.float8_e4m3fn),
     )
     model = LoRAModel(loras={"q": layer}, id=1, name="f8")
-    with pytest.raises(CheckpointError, match="float8_e4m3fn"):
+    with pytest.raises(CheckpointError, match="float8_e4m3fn") as info:
         save_adapter(model, tmp_path / "c")
+    assert "module 'model.q_proj' lora_a" in str(info.value)
+    assert str(tmp_path / "c") in str(info.value)
     assert not os.path.exists(tmp_path / "c")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_save_refuses_nonfinite_weights_and_keeps_the_old_checkpoint(tmp_path, dtype, bad):
+    # restore refuses NaN/Inf: a save that wrote them would replace a good checkpoint with one
+    # no restore can read (an f32 max cast to bf16 is Inf, for one).
+    path = save_adapter(_small(), tmp_path / "c")
+    before = _tree(path)
+    b = np.ones((2, 3), np.float32)
+    b[1, 2] = bad
+    layer = LoRALayerWeights(module_name="q", lora_a=np.ones((4, 2), dtype), lora_b=b.astype(dtype))
+    with pytest.raises(CheckpointError, match="module 'q' lora_b holds 1 NaN/Inf"):
+        save_adapter(LoRAModel(loras={"q": layer}, id=7, name="bad"), path, overwrite=True)
+    assert _tree(path) == before and sorted(os.listdir(tmp_path)) == ["c"]
+    assert restore_adapter(path).name == "small"
 
 
 def test_save_refuses_non_models(tmp_path):
