@@ -86,8 +86,8 @@ class PEFTConfig:
                 f"{source}: " + "; ".join(problems) + " (is this a PEFT LoRA adapter_config.json?)"
             )
         targets = raw["target_modules"]
-        if isinstance(targets, list | tuple):
-            targets = tuple(str(t) for t in targets)
+        if isinstance(targets, list | tuple) and all(isinstance(t, str) for t in targets):
+            targets = tuple(targets)
         elif not isinstance(targets, str):
             raise AdapterConfigError(
                 f"{source}: target_modules must be a list of names or a regex string, "
@@ -95,13 +95,23 @@ class PEFTConfig:
             )
 
         def layers(v):  # PEFT writes a lone layer index unwrapped; 0 is a layer
-            return None if v is None or v == [] else (v,) if isinstance(v, int) else tuple(v)
+            if v is None or v == []:
+                return None
+            v = [v] if is_int(v) else v
+            if not isinstance(v, list | tuple) or not all(is_int(i) for i in v):
+                raise TypeError("must be a layer index or a list of them")
+            return tuple(int(i) for i in v)
 
         def patterns(v):  # ... and a lone layers_pattern string
-            return (v,) if isinstance(v, str) else tuple(v) if v else None
+            v = names(v)
+            return (v,) if isinstance(v, str) else v or None
 
-        def names(v):
-            return tuple(str(t) for t in v) if isinstance(v, list | tuple) else v
+        def names(v):  # a list of names or a regex string
+            if v is None or isinstance(v, str):
+                return v
+            if isinstance(v, list | tuple) and all(isinstance(t, str) for t in v):
+                return tuple(v)
+            raise TypeError("must be a list of names or a regex string")
 
         def init(v):  # true, false, or the name of an init method
             if v is None:
@@ -164,7 +174,8 @@ class PEFTConfig:
         try:
             with open(file, encoding="utf-8") as f:
                 raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        # ValueError: also an int past Python's digit limit, which is not a JSONDecodeError.
+        except (ValueError, RecursionError) as e:
             raise AdapterConfigError(f"{file}: invalid JSON ({e}); re-save the adapter") from None
         return cls.from_dict(raw, source=file)
 

@@ -1,6 +1,7 @@
 """Every kind of bad adapter input gets a clear ``jlora.LoRAError`` naming the file or module."""
 
 import json
+import os
 import shutil
 import struct
 import tracemalloc
@@ -181,11 +182,37 @@ def test_duplicate_module_tensors_refused(adapter):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("layers_pattern", 3), ("rank_pattern", [1]), ("modules_to_save", 5)]
+    "field,value",
+    [
+        ("layers_pattern", 3),
+        ("layers_pattern", ["layers", 3]),
+        ("rank_pattern", [1]),
+        ("modules_to_save", 5),
+        ("exclude_modules", 5),
+        ("exclude_modules", ["q_proj", None]),
+        ("layers_to_transform", "1"),  # never equal to a layer index: it would match none
+        ("layers_to_transform", [1.5]),
+        ("layers_to_transform", True),
+    ],
 )
 def test_mistyped_field_is_named(adapter, field, value):
     edit_config(adapter, **{field: value})
     expect(AdapterConfigError, adapter, f"field {field!r} is malformed", "adapter_config.json")
+
+
+def test_target_modules_must_hold_names(adapter):
+    edit_config(adapter, target_modules=["q_proj", None])  # was read as a module named "None"
+    expect(AdapterConfigError, adapter, "target_modules must be a list of names")
+
+
+def test_an_int_too_long_for_python_is_a_config_error(adapter):
+    # json raises a plain ValueError (Python's int digit limit), not a JSONDecodeError.
+    path = os.path.join(adapter, "adapter_config.json")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("{", '{"lora_dropout": ' + "1" * 5000 + ", ", 1))
+    expect(AdapterConfigError, adapter, "adapter_config.json", "invalid JSON")
 
 
 def test_a_lone_layer_index_zero_is_a_layer():
