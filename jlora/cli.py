@@ -29,15 +29,15 @@ FILE_LIMITS = jlora.LoRAConfig(max_lora_rank=sys.maxsize, bias_enabled=True)
 def adapter_summary(path: str | os.PathLike) -> dict:
     """Validates and loads the adapter at ``path`` (a PEFT directory or a jlora checkpoint);
     returns what ``inspect`` prints. A checkpoint stores scalings, not PEFT's alpha."""
-    # A jlora_adapter/ item without its metadata is a broken checkpoint: restore_adapter says so.
-    if is_adapter_checkpoint(path) or os.path.isdir(os.path.join(path, META_ITEM)):
+    if _is_checkpoint_dir(path):
         model, alpha, rslora = restore_adapter(path), "-", "-"
     else:
         model = jlora.load_adapter(path, config=FILE_LIMITS)
         peft = PEFTConfig.from_dir(path)
         alpha, rslora = peft.lora_alpha, peft.use_rslora
     layers = _named_layers(model)
-    scalings = sorted({round(w.scaling, 4) for _, w in layers})
+    # 4 significant digits: a small scaling (alpha 0.001, r 128) is not 0.
+    scalings = sorted({float(f"{w.scaling:.4g}") for _, w in layers})
     suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in layers})
     return {
         "name": model.name,
@@ -52,6 +52,11 @@ def adapter_summary(path: str | os.PathLike) -> dict:
         "rslora": rslora,
         "lora_bias": any(w.bias is not None for _, w in layers),
     }
+
+
+def _is_checkpoint_dir(path) -> bool:
+    # A jlora_adapter/ item without its metadata is a broken checkpoint: restore_adapter says so.
+    return is_adapter_checkpoint(path) or os.path.isdir(os.path.join(path, META_ITEM))
 
 
 def _named_layers(model) -> list[tuple[str, jlora.LoRALayerWeights]]:
@@ -246,7 +251,7 @@ def cmd_bench(args) -> int:
     if args.plot:
         try:
             plot_bench(results, args.plot)
-        except OSError as e:
+        except (OSError, RuntimeError, ValueError) as e:  # what _unplottable cannot foresee
             print(f"error: --plot {args.plot}: {e}", file=sys.stderr)
             return 2
     return 0
@@ -288,7 +293,8 @@ def _unplottable(path: str) -> str:
     if os.path.isdir(path):
         return "is a directory; name the image file"
     ext = os.path.splitext(path)[1].lstrip(".").lower()
-    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    # pgf needs a TeX install, which matplotlib only finds missing after the run.
+    formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
     if ext not in formats:
         return f"the name must end in an image format matplotlib writes ({', '.join(formats)})"
     return ""
@@ -317,14 +323,20 @@ def plot_bench(r: dict, path: str) -> None:
 def cmd_convert(args) -> int:
     from jlora.checkpoint import save_adapter
 
-    if is_adapter_checkpoint(args.path):
-        print(f"error: {args.path} is already a jlora checkpoint", file=sys.stderr)
-        return 2
-    if os.path.lexists(args.out) and not args.overwrite:
+    if _is_checkpoint_dir(args.path):
         print(
-            f"error: {args.out}: already exists; pass --overwrite to replace a jlora checkpoint",
+            f"error: {args.path} is already a jlora checkpoint; convert takes a PEFT adapter "
+            "directory (jlora inspect checks a checkpoint)",
             file=sys.stderr,
         )
+        return 2
+    if os.path.lexists(args.out) and not args.overwrite:
+        hint = (
+            "pass --overwrite to replace it"
+            if is_adapter_checkpoint(args.out)
+            else "it is not a jlora checkpoint (only those are replaced): choose a new path"
+        )
+        print(f"error: {args.out}: already exists; {hint}", file=sys.stderr)
         return 2
     try:
         model = jlora.load_adapter(args.path, config=FILE_LIMITS)

@@ -86,6 +86,11 @@ def test_convert_overwrite_replaces_only_a_checkpoint(capsys, tmp_path):
     # Existing output: the CLI names its own flag.
     assert cli.main(["convert", src, str(tmp_path / "ckpt")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
+    # ... but only where --overwrite would replace what is there.
+    (tmp_path / "somefile").write_text("x")
+    assert cli.main(["convert", src, str(tmp_path / "somefile")]) == 2
+    err = capsys.readouterr().err
+    assert "not a jlora checkpoint" in err and "--overwrite" not in err
     assert cli.main(["convert", src, str(tmp_path / "ckpt"), "--overwrite"]) == 0
     # A directory that is not a checkpoint is never deleted, overwrite or not.
     keep = tmp_path / "mine"
@@ -130,7 +135,13 @@ def test_bench_refuses_what_would_fail_after_the_run(monkeypatch, capsys, tmp_pa
     assert cli.main(["bench", "--no-skewed", "--plot", str(tmp_path / "p.png")]) == 2
     assert "--no-skewed" in capsys.readouterr().err
     # Names matplotlib would refuse, or silently write elsewhere (dir.png, noext.png).
-    for name, why in (("p.xyz", "image format"), ("noext", "image format"), ("", "a directory")):
+    # p.pgf: matplotlib lists it, but it needs a TeX install (a traceback after the run).
+    for name, why in (
+        ("p.xyz", "image format"),
+        ("noext", "image format"),
+        ("p.pgf", "image format"),
+        ("", "a directory"),
+    ):
         assert cli.main(["bench", "--plot", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --plot") and why in err, err
@@ -182,6 +193,20 @@ def test_inspect_an_incomplete_checkpoint_is_an_error_line(capsys, tmp_path):
     assert cli.main(["inspect", str(tmp_path / "broken")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and str(tmp_path / "broken" / META_ITEM / "metadata") in err
+    # convert knows it for a checkpoint too (it said adapter_config.json was missing)
+    assert cli.main(["convert", str(tmp_path / "broken"), str(tmp_path / "out")]) == 2
+    assert "already a jlora checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_a_small_scaling_in_significant_digits(capsys, tmp_path):
+    from jlora.synthetic import write_peft_adapter
+
+    src = write_peft_adapter(
+        tmp_path / "a", {"model.layers.0.mlp.down_proj": (6, 5)}, r=128, alpha=0.001
+    )
+    assert cli.main(["inspect", str(src)]) == 0
+    assert f"{0.001 / 128:.4g}" in capsys.readouterr().out  # 7.813e-06, not rounded to 0
 
 
 def test_inspect_and_convert_take_any_rank_and_keep_a_lora_bias(capsys, tmp_path):
