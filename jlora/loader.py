@@ -140,16 +140,24 @@ def load_adapter(
             f"{', '.join(d.name for d in LOAD_DTYPES)}, or 'auto' to keep the stored one"
         )
 
+    # The file is opened three times (safe_open validates the header, then we parse it and read
+    # the tensors): a writer saving over it meanwhile (a re-save into a served path) would mix
+    # two versions, so its stamp must not move.
+    stamp = _stamp(weights_file)
     try:
         with safe_open(weights_file, framework="numpy") as f:  # validates the header
             keys = list(f.keys())
         header, data_start = _read_header(weights_file)
         entries = _index_tensors(keys, header, weights_file, peft_config, config)
         tensors, nonfinite = _read_tensors(weights_file, header, data_start, entries)
-    except (SafetensorError, EOFError) as e:
-        raise AdapterWeightsError(
-            f"{weights_file}: truncated or corrupt safetensors file ({e}); re-save the adapter"
-        ) from None
+    except Exception as e:
+        _check_unchanged(weights_file, stamp)  # a rewrite explains any failure here
+        if isinstance(e, SafetensorError | EOFError):
+            raise AdapterWeightsError(
+                f"{weights_file}: truncated or corrupt safetensors file ({e}); re-save the adapter"
+            ) from None
+        raise
+    _check_unchanged(weights_file, stamp)
     loras = {
         module: _read_layer(
             tensors, nonfinite, weights_file, module, entry, peft_config, target_dtype
@@ -168,6 +176,23 @@ def load_adapter(
 
 def _is_auto(dtype) -> bool:
     return dtype is None or (isinstance(dtype, str) and dtype == "auto")
+
+
+def _stamp(file: str) -> tuple[int, int, int, int]:
+    st = os.stat(file)
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def _check_unchanged(file: str, stamp: tuple[int, int, int, int]) -> None:
+    try:
+        same = _stamp(file) == stamp
+    except OSError:
+        same = False
+    if not same:
+        raise AdapterWeightsError(
+            f"{file}: changed while it was being read (another process saving the adapter?); "
+            "load it again once the save has finished"
+        )
 
 
 def _read_header(file: str) -> tuple[dict, int]:

@@ -587,3 +587,31 @@ def test_split_packed_takes_numpy_int_groups():
     parts = split_packed(y, (4, 2), groups=np.int64(2))
     assert [p.shape for p in parts] == [(2, 4), (2, 2)]
     np.testing.assert_array_equal(join_packed(parts, groups=np.int64(2)), y)
+
+
+@pytest.mark.parametrize("rewrite", ["same size", "other size"])
+def test_a_file_rewritten_during_the_load_is_refused(adapter, monkeypatch, rewrite):
+    # A re-save into a path being loaded would mix two versions' header and bytes.
+    from jlora import loader
+
+    file = adapter / "adapter_model.safetensors"
+    original = loader._read_header
+
+    def read_then_rewrite(path):
+        out = original(path)
+
+        def edit(t):
+            t[B_KEY] = t[B_KEY] + 1.0  # same size: only the bytes differ
+            if rewrite == "other size":
+                for key in (A_KEY, B_KEY):
+                    t[key.replace("q_proj", "extra")] = t[key]
+
+        edit_tensors(adapter, edit)
+        st = os.stat(file)
+        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # coarse clocks
+        return out
+
+    monkeypatch.setattr(loader, "_read_header", read_then_rewrite)
+    expect(AdapterWeightsError, adapter, "adapter_model.safetensors", "changed while")
+    monkeypatch.undo()
+    assert jlora.load_adapter(adapter).rank == 8  # the finished save loads
