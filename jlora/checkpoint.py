@@ -424,10 +424,18 @@ def _check_fields(path: str, meta: dict) -> None:
         bad.append(f"name {meta['name']!r} (a str)")
     if meta["path"] is not None and not isinstance(meta["path"], str):
         bad.append(f"path {meta['path']!r} (a str or null)")
+    names = [module["name"] for module in meta["modules"]]
+    if len(set(names)) != len(names):
+        bad.append(f"modules {sorted({n for n in names if names.count(n) > 1})} listed twice")
     for module in meta["modules"]:
-        for m in module["layers"]:
+        layers = module["layers"]
+        if not module["packed"] and (len(layers) != 1 or layers[0] is None):
+            bad.append(f"module {module['name']!r} layers {layers!r} (one layer)")
+        for m in layers:
             if m is None:
                 continue
+            if m["a"] is None or m["b"] is None:
+                bad.append(f"module {module['name']!r} has no lora_a or lora_b")
             if not isinstance(m["is_embedding"], bool):
                 bad.append(f"module {module['name']!r} is_embedding {m['is_embedding']!r} (a bool)")
             if not isinstance(m["module_name"], str):

@@ -156,6 +156,11 @@ def _set_tensor(i, value):
             lambda meta: meta["modules"][0]["layers"][0].update(is_embedding="no"),
             "is_embedding 'no' (a bool)",
         ),
+        # each restored as a half-valid LoRAModel before
+        (lambda meta: meta["modules"][0]["layers"][0].update(a=None), "no lora_a or lora_b"),
+        (lambda meta: meta["modules"][0].update(layers=[None]), "layers [None] (one layer)"),
+        (lambda meta: meta["modules"][0].update(layers=[]), "layers [] (one layer)"),
+        (lambda meta: meta["modules"].append(meta["modules"][0]), "listed twice"),
     ],
 )
 def test_corrupt_metadata_is_a_checkpoint_error(tmp_path, edit, fragment):
