@@ -229,6 +229,7 @@ def segmented_shrink_reference(
             ai[token_slots].astype(jnp.float32),
             precision=lax.Precision.HIGHEST,
         )
+        * (token_slots != 0)[:, None]  # the kernels' contract, whatever slot 0 of A holds
         for ai in a_tuple
     )
     return hs if isinstance(a, Sequence) else hs[0]

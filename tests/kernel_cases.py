@@ -106,12 +106,12 @@ def segment_arrays(token_slots: np.ndarray, num_slots: int):
 
 
 def _bank_arrays(rng, num_slots, rows, max_rank, cols, dtype, *, a_side: bool):
-    """A `[S, rows, R]` (a_side) or B `[S, R, cols]`: slot 0 zero, slot s of rank r_s <= R with
-    the rest zero-padded, entries scaled so products stay of order one."""
+    """A `[S, rows, R]` (a_side) or B `[S, R, cols]`: slot s >= 1 of rank r_s <= R with the rest
+    zero-padded, entries scaled so products stay of order one. Slot 0 is random too, where the
+    manager keeps zeros: a kernel must skip slot 0, not rely on its zeros."""
     shape = (num_slots, rows, max_rank) if a_side else (num_slots, max_rank, cols)
     w = rng.standard_normal(shape).astype(np.float32)
     w /= np.sqrt(rows if a_side else max_rank)
-    w[0] = 0
     for s in range(1, num_slots):
         r = rng.integers(1, max_rank + 1)
         if a_side:
@@ -138,7 +138,7 @@ def make_inputs(case: Case, rng, token_slots: np.ndarray | None = None) -> dict:
         for r, w in zip(case.ranks, case.widths, strict=True)
     )
     scale = tuple(
-        jnp.asarray(np.where(np.arange(s) == 0, 0.0, rng.uniform(0.5, 2.0, s)), jnp.float32)
+        jnp.asarray(rng.uniform(0.5, 2.0, s), jnp.float32)  # slot 0's too: see _bank_arrays
         for _ in case.ranks
     )
     # y is poisoned: random values everywhere, and a large sentinel on slot-0 rows, which the
