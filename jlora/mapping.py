@@ -130,6 +130,9 @@ class LoRAMapping:
             )
         if (lengths < 0).any():
             raise MappingError(f"seq_lengths must be >= 0, got {lengths.tolist()}")
+        for name, n in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
+            if n is not None and not is_int(n):  # int(3.9) would silently be 3
+                raise MappingError(f"{name} must be an int or None (a bucket), got {n!r}")
         total = int(lengths.sum())
         t = token_bucket(total) if num_tokens is None else int(num_tokens)
         b = batch_bucket(slots.size) if num_seqs is None else int(num_seqs)

@@ -58,6 +58,15 @@ def test_bad_num_slots():
         LoRAMapping.build([0], [1], num_slots=True)  # a bool is not a slot count
 
 
+@pytest.mark.parametrize("field", ["num_tokens", "num_seqs"])
+@pytest.mark.parametrize("bad", [3.9, True, "16"])
+def test_bucket_sizes_must_be_ints(field, bad):
+    # int() would take each: 3.9 as 3, True as 1, "16" as 16
+    with pytest.raises(MappingError, match=f"{field} must be an int or None"):
+        LoRAMapping.build([1], [1], num_slots=4, **{field: bad})
+    assert LoRAMapping.build([1], [1], num_slots=4, **{field: np.int64(16)}) is not None
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.integers(1, 9).flatmap(
