@@ -17,6 +17,9 @@ Buckets: token counts pad to the next power of two from 16 up to 512, then to th
 of 512; batch rows pad to the next power of two from 1. So a serving loop compiles one program
 per bucket, not per batch shape. Every index is checked here, on the host: JAX gathers clamp
 out-of-range indices silently on device, so a bad slot must raise before it gets there.
+A layer tells per-token rows from per-sequence rows (the LM head) by their count, so when both
+pad to the same size, token i must be on sequence i's slot (a decode step); build refuses the
+other layouts and names a ``num_seqs`` that separates them.
 """
 
 from __future__ import annotations
@@ -68,17 +71,29 @@ class LoRAMapping:
 
     def __post_init__(self):
         # build() checks its inputs and hands device arrays, which are trusted (reading them
-        # back would sync every step). A mapping assembled by hand from NumPy arrays is checked
-        # here as build would: the gathers on device clamp a bad index silently.
-        leaves = (
-            self.token_slots,
-            self.seq_slots,
-            self.sorted_token_ids,
-            self.slot_counts,
-            self.slot_starts,
+        # back would sync every step). A mapping assembled by hand with NumPy arrays (the rest
+        # concrete device arrays) is checked here as build would: the gathers on device clamp a
+        # bad index silently. Other leaves (tracers, shardings, specs) are pytree plumbing.
+        leaves = dict(
+            token_slots=self.token_slots,
+            seq_slots=self.seq_slots,
+            sorted_token_ids=self.sorted_token_ids,
+            slot_counts=self.slot_counts,
+            slot_starts=self.slot_starts,
         )
-        if all(isinstance(v, np.ndarray) for v in leaves):
-            _check_host_mapping(*leaves)
+        for name, v in leaves.items():
+            if isinstance(v, list | tuple):
+                raise MappingError(
+                    f"LoRAMapping.{name} is a {type(v).__name__}; give NumPy or JAX arrays, "
+                    "or build it with LoRAMapping.build"
+                )
+        values = leaves.values()
+        if any(isinstance(v, np.ndarray) for v in values) and all(
+            isinstance(v, np.ndarray)
+            or (isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer))
+            for v in values
+        ):
+            _check_host_mapping(*(np.asarray(v) for v in values))
 
     @property
     def num_tokens(self) -> int:
@@ -148,6 +163,15 @@ class LoRAMapping:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
         padded_seq_slots = np.zeros(b, np.int32)
         padded_seq_slots[: slots.size] = slots
+        if t == b and not np.array_equal(token_slots, padded_seq_slots):
+            # A layer tells per-token rows from per-sequence rows (the LM head on last tokens)
+            # by their count: with T == B it would read token slots for sequence rows.
+            raise MappingError(
+                f"the mapping would have {t} tokens and {b} sequences, but token i is not "
+                "sequence i (lengths are not all 1), so a layer could not tell per-token rows "
+                "from per-sequence rows; pass num_tokens or num_seqs so that they differ, "
+                f"e.g. num_seqs={2 * b}"
+            )
         # device_put, not jnp.asarray: the latter compiles a small program per new shape.
         return cls(
             token_slots=jax.device_put(token_slots),
@@ -172,6 +196,10 @@ def _check_host_mapping(token_slots, seq_slots, sorted_ids, counts, starts) -> N
     for name, v in (("token_slots", token_slots), ("seq_slots", seq_slots)):
         if v.size and (v.min() < 0 or v.max() >= num_slots):
             problems.append(f"{name} holds slots outside [0, {num_slots})")
+    if t == seq_slots.size and not np.array_equal(token_slots, seq_slots):
+        problems.append(  # as in build: a layer tells the two kinds of rows apart by count
+            f"it has {t} tokens and {t} sequences but token i is not sequence i"
+        )
     if not problems:
         want = np.argsort(token_slots, kind="stable")
         if not np.array_equal(sorted_ids, want):

@@ -1,5 +1,6 @@
 """LoRAMapping: host-built token/sequence -> slot tables, sorted segments and buckets."""
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -80,7 +81,15 @@ def test_invariants(case):
     num_slots, seqs = case
     slots = np.array([s for s, _ in seqs], np.int64)
     lengths = np.array([n for _, n in seqs], np.int64)
-    m = LoRAMapping.build(slots, lengths, num_slots=num_slots)
+    t, b = token_bucket(int(lengths.sum())), batch_bucket(slots.size)
+    tokens, seqs = np.zeros(t, int), np.zeros(b, int)
+    tokens[: lengths.sum()], seqs[: slots.size] = np.repeat(slots, lengths), slots
+    if t == b and not np.array_equal(tokens, seqs):  # token i is not sequence i
+        with pytest.raises(MappingError, match=f"{t} tokens and {b} sequences"):
+            LoRAMapping.build(slots, lengths, num_slots=num_slots)
+        b *= 2
+    m = LoRAMapping.build(slots, lengths, num_slots=num_slots, num_seqs=b)
+    assert m.seq_slots.shape == (b,)
     tok = np.asarray(m.token_slots)
     order = np.asarray(m.sorted_token_ids)
     counts, starts = np.asarray(m.slot_counts), np.asarray(m.slot_starts)
@@ -96,7 +105,24 @@ def test_invariants(case):
     assert (tok[expected.size :] == 0).all()
 
 
-def _host_mapping(token_slots, num_slots, **replace):
+def test_equal_token_and_sequence_counts_need_token_i_to_be_sequence_i():
+    # 12 sequences, 16 tokens: both pad to 16 rows, and a layer tells per-token rows from
+    # per-sequence rows (the LM head on last tokens) by their count alone.
+    slots, lengths = [1] * 6 + [2] * 6, [1] * 10 + [3, 3]
+    with pytest.raises(MappingError, match="16 tokens and 16 sequences.*num_seqs=32"):
+        LoRAMapping.build(slots, lengths, num_slots=3)
+    with pytest.raises(MappingError, match="16 tokens and 16 sequences"):
+        LoRAMapping.build(slots, lengths, num_slots=3, num_tokens=16, num_seqs=16)
+    assert LoRAMapping.build(slots, lengths, num_slots=3, num_seqs=32).seq_slots.shape == (32,)
+    assert LoRAMapping.build(slots, lengths, num_slots=3, num_tokens=32).num_tokens == 32
+    # Token i is sequence i (decode, or zero-length base sequences at the end): accepted.
+    decode = LoRAMapping.build([1, 2, 0], [1, 1, 0], num_slots=3, num_tokens=4, num_seqs=4)
+    np.testing.assert_array_equal(decode.token_slots, decode.seq_slots)
+    with pytest.raises(MappingError, match="token i is not sequence i"):
+        _host_mapping([1, 2], 3, seq_slots=np.asarray([2, 1], np.int32))
+
+
+def _host_mapping(token_slots, num_slots, *, slot_starts_on_device=False, **replace):
     slots = np.asarray(token_slots, np.int32)
     counts = np.bincount(slots[slots >= 0], minlength=num_slots)[:num_slots].astype(np.int32)
     fields = dict(
@@ -106,7 +132,19 @@ def _host_mapping(token_slots, num_slots, **replace):
         slot_counts=counts,
         slot_starts=(np.cumsum(counts) - counts).astype(np.int32),
     )
-    return LoRAMapping(**{**fields, **replace})
+    fields.update(replace)
+    if slot_starts_on_device:
+        fields["slot_starts"] = jax.device_put(fields["slot_starts"])
+    return LoRAMapping(**fields)
+
+
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_a_mapping_of_python_sequences_is_refused(kind):
+    fields = {k: np.asarray(v).tolist() for k, v in _host_mapping([1, 0], 2).__dict__.items()}
+    fields.pop("is_prefill")
+    fields["token_slots"] = kind(fields["token_slots"])
+    with pytest.raises(MappingError, match=f"token_slots is a {kind.__name__}.*build"):
+        LoRAMapping(**{**fields, "sorted_token_ids": np.asarray(fields["sorted_token_ids"])})
 
 
 @pytest.mark.parametrize(
@@ -125,5 +163,8 @@ def _host_mapping(token_slots, num_slots, **replace):
 def test_a_mapping_assembled_from_host_arrays_is_checked(slots, replace, fragment):
     with pytest.raises(MappingError, match=fragment):
         _host_mapping(slots, 4, **replace)
+    # With the other fields on the device it is still read back and checked.
+    with pytest.raises(MappingError, match=fragment):
+        _host_mapping(slots, 4, **replace, slot_starts_on_device=True)
     good = _host_mapping([1, 2, 3, 0, 1], 4)  # consistent fields: accepted as they are
     assert good.num_slots == 4 and good.num_tokens == 5
