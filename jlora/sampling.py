@@ -136,13 +136,17 @@ def _top_k_top_p(
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(vocab)[None, :]
-    k = jnp.where(top_k > 0, top_k, vocab)[:, None]
-    probs = jax.nn.softmax(jnp.where(rank < k, sorted_logits, -jnp.inf), axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+    # Every token tied with the k-th logit stays, as in HF and vLLM (a cut at rank k would
+    # always drop the higher ids of a tie, which bfloat16 logits make common).
+    sorted_raw = jnp.take_along_axis(logits, order, axis=-1)
+    in_top_k = sorted_raw >= jnp.take_along_axis(sorted_raw, k - 1, axis=-1)
+    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
     # Keep a token while the mass before it is below top_p: the top token always survives.
     # top_p = 1 keeps everything, also where rounding lets the running mass reach 1.
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     # rank 0 by name: a top_p that rounds to 0 in float32 (1e-40) would keep nothing.
-    keep = (rank < k) & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1) | (rank == 0))
+    keep = in_top_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1) | (rank == 0))
     rows = jnp.arange(batch)[:, None]
     return jnp.zeros((batch, vocab), bool).at[rows, order].set(keep)
 

@@ -50,6 +50,17 @@ def test_top_k_ranks_by_the_logits_at_any_temperature(rng):
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
 
 
+def test_top_k_keeps_every_token_tied_with_the_kth(rng):
+    # As HF's TopKLogitsWarper and vLLM: tokens 1, 2 and 3 tie for 2nd, so top_k=2 keeps all
+    # three (a cut at rank 2 would never draw 2 or 3), and none of the lower ones.
+    logits = np.array([[3.0, 1.0, 1.0, 1.0, 0.5, -1.0]] * 600, np.float32)
+    tokens, _ = run(logits, temperature=1.0, top_k=2, seeds=np.arange(600))
+    assert set(np.asarray(tokens).tolist()) == {0, 1, 2, 3}
+    # top_k past the vocabulary keeps everything.
+    tokens, _ = run(logits[:300], temperature=50.0, top_k=1000, seeds=np.arange(300))
+    assert set(np.asarray(tokens).tolist()) == set(range(6))
+
+
 def test_top_p_keeps_nucleus():
     logits = np.log(np.array([[0.6, 0.3, 0.05, 0.05]] * 200, np.float32))
     tokens, _ = run(logits, temperature=1.0, top_p=0.8, seeds=np.arange(200))
@@ -96,7 +107,7 @@ def test_untruncated_row_ignores_batch_mates_that_truncate(rng):
 
 
 def test_top_p_measures_the_renormalized_top_k_set_as_vllm_does():
-    probs = np.array([[0.45, 0.35, 0.1, 0.1]] * 300, np.float32)
+    probs = np.array([[0.45, 0.35, 0.12, 0.08]] * 300, np.float32)  # no ties: see above
     # Top-2 renormalized is (0.5625, 0.4375): token 1 starts past 0.55, so only token 0 stays
     # (on the full distribution it starts at 0.45 and would stay).
     tokens, _ = run(np.log(probs), temperature=1.0, top_k=2, top_p=0.55, seeds=np.arange(300))
