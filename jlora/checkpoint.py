@@ -40,7 +40,7 @@ import numpy as np
 
 from jlora.config import is_int
 from jlora.errors import CheckpointError, LoRAError
-from jlora.hostio import count_nonfinite, read_ranges_checked
+from jlora.hostio import count_nonfinite, freeze, read_ranges_checked
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 FORMAT = "jlora.adapter"
@@ -321,7 +321,7 @@ def _read_buffers(directory: str, sizes: dict[str, int]) -> dict[str, tuple[np.n
                 f"{file}: {nbytes} bytes is not a whole number of {key} values; re-save it"
             )
         buf, _, (bad,) = read_ranges_checked(file, [(0, nbytes)], [dtype])
-        buf.setflags(write=False)
+        freeze(buf)
         out[key] = (buf.view(dtype), bad)
     return out
 

@@ -45,6 +45,26 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[start : start + nbytes]
 
 
+def freeze(buf: np.ndarray) -> None:
+    """Makes ``buf`` and every array it is a view of read-only, so that ``is_frozen`` holds for
+    views of it: nothing can write the memory a cached adapter shares."""
+    x = buf
+    while isinstance(x, np.ndarray):
+        x.setflags(write=False)
+        x = x.base
+
+
+def is_frozen(x: np.ndarray) -> bool:
+    """Whether nothing can write ``x``'s memory through numpy: ``x`` and every array it is a
+    view of are read-only, down to memory numpy owns or immutable ``bytes`` (a read-only view
+    of a writable array, or of a ``bytearray`` or ``mmap``, is not)."""
+    while isinstance(x, np.ndarray):
+        if x.flags.writeable:
+            return False
+        x = x.base
+    return x is None or isinstance(x, bytes)
+
+
 def read_ranges_checked(
     path: str,
     ranges: Sequence[tuple[int, int]],

@@ -33,7 +33,7 @@ from jlora.errors import (
     LoRAConfigError,
     UnsafeFormatError,
 )
-from jlora.hostio import count_nonfinite, read_ranges_checked
+from jlora.hostio import count_nonfinite, freeze, read_ranges_checked
 from jlora.peft import PEFTConfig
 from jlora.weights import LoRALayerWeights, LoRAModel
 
@@ -298,7 +298,7 @@ def _read_tensors(file: str, header: dict, data_start: int, entries: dict[str, _
     ranges = [tuple(data_start + o for o in header[k]["data_offsets"]) for k in keys]
     dtypes = [np.dtype(FLOAT_DTYPES[header[k]["dtype"]]) for k in keys]
     buf, placed, bad = read_ranges_checked(file, ranges, dtypes)
-    buf.setflags(write=False)
+    freeze(buf)
     tensors = {}
     for key, offset, dtype in zip(keys, placed, dtypes, strict=True):
         shape = header[key]["shape"]

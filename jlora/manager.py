@@ -46,6 +46,10 @@ LRU rules (one recency order over cached adapters; ``add``, ``activate``, ``pin`
 - Pinned adapters hold a slot and their cache entry until unpinned; ``deactivate_adapter`` and
   ``remove_adapter`` are explicit and drop the pin.
 
+Disk tier identity. A request's path is made absolute when it is recorded. The first read of an
+id's files stamps them (``sources``); a reload that finds other files raises
+``AdapterMismatchError`` rather than serve other weights under the same id.
+
 Imports jlora data-model modules; jlora.loader and jlora.checkpoint only lazily (disk tier).
 """
 
@@ -68,15 +72,18 @@ from jlora.errors import (
     CapacityError,
     DonatedStateError,
     LoRAConfigError,
+    LoRAError,
     UnknownAdapterError,
 )
-from jlora.hostio import count_nonfinite
+from jlora.hostio import count_nonfinite, is_frozen
 from jlora.mapping import LoRAMapping
 from jlora.request import LoRARequest
 from jlora.targets import TargetModule, split_whole_layer
 from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel, PackedLoRALayerWeights, pad_to_rank
 
 BASE_ID = 0  # adapter id and slot of the base model ("no adapter")
+# Weight dtypes an adapter may hold (the banks' LORA_DTYPES, and float64 from a user's model).
+_WEIGHT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 LoadFn = Callable[[LoRARequest, LoRAConfig, np.dtype], LoRAModel]
 BatchEntry = LoRARequest | int | None
@@ -126,6 +133,8 @@ class AdapterManagerState:
       requests: adapter id -> ``LoRARequest`` for adapters that can be reloaded from disk.
       lru: cached adapter ids, least recently used first.
       pinned: ids pinned into the host cache and a device slot.
+      sources: adapter id -> stamp of the files it was first read from (``_source_stamp``;
+        None for a custom ``load_fn``): a reload must find the same files.
     """
 
     bank_list: tuple[tuple[LoRABank, ...], ...]
@@ -135,6 +144,7 @@ class AdapterManagerState:
     requests: Mapping[int, LoRARequest]
     lru: tuple[int, ...]
     pinned: frozenset[int]
+    sources: Mapping[int, tuple | None]
 
     @property
     def banks(self) -> dict[str, tuple[LoRABank, ...]]:
@@ -192,7 +202,15 @@ class _HostSide:
 
 
 def _flatten(state: AdapterManagerState):
-    host = (state.layout, state.slots, state.cache, state.requests, state.lru, state.pinned)
+    host = (
+        state.layout,
+        state.slots,
+        state.cache,
+        state.requests,
+        state.lru,
+        state.pinned,
+        state.sources,
+    )
     return (state.bank_list,), _HostSide(host)
 
 
@@ -311,6 +329,7 @@ def init_state(
         requests=types.MappingProxyType({}),
         lru=(),
         pinned=frozenset(),
+        sources=types.MappingProxyType({}),
     )
 
 
@@ -383,6 +402,8 @@ def add_adapters(
     """``add_adapter`` for each of ``adapters`` in order, as one operation: if any of them
     fails, none is added and the input state is unchanged. Later ones may evict earlier ones
     from a full host cache (a ``LoRARequest`` stays reloadable)."""
+    if isinstance(adapters, LoRAModel | LoRARequest):  # a LoRAModel iterates as a Mapping
+        raise TypeError("add_adapters takes a list of adapters; use add_adapter for one")
     plan = _Plan(state)
     for adapter in adapters:
         plan.register(adapter)
@@ -423,7 +444,7 @@ def activate_adapter(
     evicted from the device; when every slot is pinned, ``CapacityError``.
     """
     plan = _Plan(state)
-    adapter_id = plan.resolve(adapter)
+    adapter_id = plan.resolve(_one_adapter(adapter))
     plan.activate(adapter_id, protect=frozenset({adapter_id}))
     return plan.commit(donate)
 
@@ -445,7 +466,7 @@ def pin_adapter(
     """Activates an adapter and pins it: it keeps its slot and cache entry until unpinned,
     deactivated or removed. ``CapacityError`` when every slot is already pinned."""
     plan = _Plan(state)
-    adapter_id = plan.resolve(adapter)
+    adapter_id = plan.resolve(_one_adapter(adapter))
     plan.activate(adapter_id, protect=frozenset({adapter_id}))
     plan.pinned.add(adapter_id)
     return plan.commit(donate)
@@ -581,6 +602,7 @@ class _Plan:
         self.requests = dict(state.requests)
         self.lru = list(state.lru)
         self.pinned = set(state.pinned)
+        self.sources = dict(state.sources)
         self.dirty: set[int] = set()
 
     # -- queries ---------------------------------------------------------------------------
@@ -592,6 +614,8 @@ class _Plan:
         return adapter_id in self.cache or adapter_id in self.requests
 
     def require_known(self, adapter_id: int) -> None:
+        if not is_int(adapter_id):
+            raise TypeError(f"an adapter id is an int >= 1, got {type(adapter_id).__name__}")
         if not _is_id(adapter_id):
             raise UnknownAdapterError(f"adapter ids are ints >= 1, got {adapter_id!r}")
         if adapter_id not in self.cache and adapter_id not in self.requests:
@@ -603,12 +627,15 @@ class _Plan:
     def resolve(self, entry: BatchEntry) -> int:
         """The adapter id of a batch entry, registering an unseen ``LoRARequest``."""
         if isinstance(entry, LoRARequest):
+            entry = _absolute(entry)
             adapter_id = entry.adapter_id
             if adapter_id in self.requests or adapter_id in self.cache:
                 self._check_same_request(entry)
-            # Loaded when activated; recorded for a cached adapter too, so that after an
-            # eviction it is reloaded from disk, as after add_adapter(request).
-            self.requests.setdefault(adapter_id, entry)
+            if adapter_id not in self.requests:
+                # Loaded when activated; recorded for a cached adapter too, so that after an
+                # eviction it is reloaded from disk, as after add_adapter(request).
+                self._check_cached_model_is_at(entry)
+                self.requests[adapter_id] = entry
             return adapter_id
         adapter_id = _request_id(entry)
         if adapter_id != BASE_ID:
@@ -630,15 +657,30 @@ class _Plan:
             raise TypeError(f"add_adapter takes a LoRAModel or LoRARequest, got {type(adapter)}")
 
     def register_request(self, request: LoRARequest, protect: frozenset[int]) -> None:
+        request = _absolute(request)
         adapter_id = request.adapter_id
         if adapter_id in self.requests or adapter_id in self.cache:
             self._check_same_request(request)
+            if adapter_id not in self.requests:
+                self._check_cached_model_is_at(request)
             self.requests[adapter_id] = request
             if adapter_id in self.cache:
+                self.touch(adapter_id)
                 return  # the same adapter again: no-op
         else:
             self.requests[adapter_id] = request
         self.ensure_cached(adapter_id, protect)
+
+    def _check_cached_model_is_at(self, request: LoRARequest) -> None:
+        """A bare ``LoRAModel`` cached under the request's id must be what its path holds: an
+        eviction would reload the id from there (register_model checks the other order)."""
+        cached = self.cache.get(request.adapter_id)
+        if cached is not None and (differs := _difference(cached, self.load(request))):
+            raise AdapterMismatchError(
+                f"adapter id {request.adapter_id} is registered as the LoRAModel "
+                f"{cached.name!r}, and what {request.path} holds differs from it ({differs}); "
+                "give the request its own id, or remove the model first"
+            )
 
     def register_model(self, model: LoRAModel, protect: frozenset[int]) -> None:
         if not _is_id(model.id):
@@ -647,10 +689,12 @@ class _Plan:
             model = model.replace(id=int(model.id))
         existing = self.cache.get(model.id)
         if existing is model:
+            self.touch(model.id)
             return  # the same adapter again: no-op
         fitted = _fit(self.layout, model, checked=False)
         if existing is not None:
             if not (differs := _difference(existing, fitted)):
+                self.touch(model.id)
                 return  # the same adapter again: no-op
             raise AdapterMismatchError(
                 f"adapter id {model.id} is already registered as {existing.name!r}, and the "
@@ -682,8 +726,31 @@ class _Plan:
         self.insert(self.load(self.requests[adapter_id]), protect)
 
     def load(self, request: LoRARequest) -> LoRAModel:
-        """The adapter at ``request``'s path, through ``load_fn``, fitted to the banks."""
-        model = self.layout.load_fn(request, self.layout.config, self.layout.dtype)
+        """The adapter at ``request``'s path, through ``load_fn``, fitted to the banks. A
+        reload (the id was read before) must find the files of the first read."""
+        adapter_id = request.adapter_id
+        where = f"adapter {request.name!r} (id {adapter_id})"
+        stamp = _source_stamp(request.path) if self.layout.load_fn is load_from_disk else None
+        first = self.sources.get(adapter_id, _UNREAD)
+        # Files gone are left to the load, which names them; any other difference is refused.
+        if first is not _UNREAD and stamp is not None and not set(stamp) <= set(first):
+            changed = sorted({n for n, *_ in set(stamp) - set(first)})
+            raise AdapterMismatchError(
+                f"{where}: {', '.join(changed)} at {request.path} changed since it was first "
+                "read, so its id would now serve other weights; remove_adapter and add it "
+                "again (or give the new files their own id)"
+            )
+        try:
+            model = self.layout.load_fn(request, self.layout.config, self.layout.dtype)
+        except LoRAError as e:
+            if first is _UNREAD:
+                raise
+            raise type(e)(
+                f"{where} was evicted from the host cache and cannot be reloaded from its "
+                f"path: {e} (restore its files, or remove_adapter({adapter_id}))"
+            ) from e
+        if first is _UNREAD:
+            self.sources[adapter_id] = stamp
         if not isinstance(model, LoRAModel):
             raise TypeError(f"load_fn returned {type(model).__name__}, not a LoRAModel")
         model = model.replace(id=request.adapter_id, name=request.name)
@@ -712,6 +779,7 @@ class _Plan:
         if adapter_id in self.cache:
             self.evict_from_host(adapter_id)
         self.requests.pop(adapter_id, None)
+        self.sources.pop(adapter_id, None)
         self.pinned.discard(adapter_id)
 
     # -- device slots ------------------------------------------------------------------------
@@ -782,6 +850,7 @@ class _Plan:
             requests=types.MappingProxyType(self.requests),
             lru=tuple(self.lru),
             pinned=frozenset(self.pinned),
+            sources=types.MappingProxyType(self.sources),
         )
 
     def _check_same_request(self, request: LoRARequest) -> None:
@@ -813,8 +882,23 @@ class _Plan:
 def _fit(layout: _Layout, model: LoRAModel, *, checked: bool) -> LoRAModel:
     """``model`` checked against the targets and converted to the bank dtype (host numpy).
     ``checked``: its values were already found finite (by the PEFT or checkpoint reader)."""
+    if not model.loras:  # the loaders refuse such a file too: it would serve the base model
+        raise AdapterMismatchError(
+            f"adapter {model.name!r} (id {model.id}) holds no LoRA modules; nothing to serve"
+        )
     seen: dict[tuple[int, int], str] = {}
     for name, weights in model.loras.items():
+        layers = weights.slices if isinstance(weights, PackedLoRALayerWeights) else (weights,)
+        for layer in layers:
+            for role in ("lora_a", "lora_b"):
+                x = getattr(layer, role, None)
+                if isinstance(layer, LoRALayerWeights) and not (
+                    hasattr(x, "dtype") and hasattr(x, "shape")
+                ):
+                    raise TypeError(
+                        f"adapter {model.name!r} (id {model.id}), module {name!r}: {role} is a "
+                        f"{type(x).__name__}; give a NumPy or JAX array"
+                    )
         for (i, j), layer in _placements(layout, model, name, weights):
             target = layout.targets[i]
             where = f"adapter {model.name!r} (id {model.id}), module {layer.module_name or name!r}"
@@ -851,10 +935,12 @@ def _fit(layout: _Layout, model: LoRAModel, *, checked: bool) -> LoRAModel:
                 )
             for role in ("lora_a", "lora_b"):
                 x = getattr(layer, role)
-                if not jnp.issubdtype(x.dtype, jnp.floating):
+                # The NaN/Inf check knows these; float8 and the like are not LoRA weights.
+                if np.dtype(x.dtype).name not in _WEIGHT_DTYPES:
                     raise AdapterWeightsError(
-                        f"{where}: {role} is {np.dtype(x.dtype).name}; LoRA weights are floats "
-                        "(cast them, e.g. to float32, before adding the adapter)"
+                        f"{where}: {role} is {np.dtype(x.dtype).name}; LoRA weights are one of "
+                        f"{sorted(_WEIGHT_DTYPES)} (cast them, e.g. to float32, before adding "
+                        "the adapter)"
                     )
                 if not checked and (bad := count_nonfinite(np.asarray(x))):
                     raise AdapterWeightsError(
@@ -863,9 +949,10 @@ def _fit(layout: _Layout, model: LoRAModel, *, checked: bool) -> LoRAModel:
                     )
     dtype = layout.dtype
     # The cache keeps read-only arrays (as the loaders hand out) as they are; others are copied
-    # and frozen, or a caller reusing its buffer would change what the slots serve.
+    # and frozen, or a caller reusing its buffer would change what the slots serve. Its own
+    # dict too: the caller may edit theirs.
     if all(_is_frozen(x, dtype) for x in jax.tree.leaves(model)):
-        return model
+        return model.replace(loras=dict(model.loras))
     with np.errstate(over="ignore"):  # an overflow is refused below, naming the module
         converted = jax.tree.map(lambda x: x if _is_frozen(x, dtype) else _frozen(x, dtype), model)
     _check_cast(model, converted, dtype)
@@ -873,7 +960,7 @@ def _fit(layout: _Layout, model: LoRAModel, *, checked: bool) -> LoRAModel:
 
 
 def _is_frozen(x, dtype: np.dtype) -> bool:
-    return _is_host_ready(x, dtype) and not x.flags.writeable
+    return _is_host_ready(x, dtype) and is_frozen(x)
 
 
 def _frozen(x, dtype: np.dtype) -> np.ndarray:
@@ -1127,12 +1214,22 @@ def _request_id(entry: BatchEntry) -> int:
         return BASE_ID
     if isinstance(entry, LoRARequest):
         return entry.adapter_id
-    if is_int(entry) and entry >= 0:
-        return int(entry)
-    raise UnknownAdapterError(
-        f"a batch entry must be a LoRARequest, an adapter id (int >= 1) or None / 0 for the "
-        f"base model, got {entry if isinstance(entry, int) else type(entry).__name__!r}"
+    message = (
+        "a batch entry must be a LoRARequest, an adapter id (int >= 1) or None / 0 for the "
+        "base model, got "
     )
+    if not is_int(entry):
+        raise TypeError(message + type(entry).__name__)
+    if entry < 0:
+        raise UnknownAdapterError(message + str(entry))
+    return int(entry)
+
+
+def _one_adapter(adapter: int | LoRARequest) -> int | LoRARequest:
+    # resolve() reads None as the base model, which no slot can be given.
+    if not isinstance(adapter, LoRARequest) and not is_int(adapter):
+        raise TypeError(f"takes a LoRARequest or an adapter id, got {type(adapter).__name__}")
+    return adapter
 
 
 def _distinct_adapters(ids: Sequence[int]) -> list[int]:
@@ -1158,6 +1255,37 @@ def _check_batch_fits(state: AdapterManagerState, needed: Sequence[int]) -> None
 
 def _norm(path: str | os.PathLike) -> str:
     return os.path.normpath(os.path.abspath(os.fspath(path)))
+
+
+def _absolute(request: LoRARequest) -> LoRARequest:
+    """``request`` with its path made absolute now: a relative one would be reloaded from
+    wherever the working directory is at the time of an eviction's reload."""
+    path = _norm(request.path)
+    return request if path == request.path else dataclasses.replace(request, lora_path=path)
+
+
+_UNREAD = object()  # sources.get default: the id's files were never read
+
+
+def _source_stamp(path: str) -> tuple:
+    """(name, inode, device, size, mtime_ns) of each file ``load_from_disk`` reads at
+    ``path`` (a PEFT adapter's two files, or a checkpoint's items): a reload that finds other
+    files would serve other weights under the same id. Missing files are left out (the load
+    itself says what is missing)."""
+    from jlora import checkpoint, loader, peft
+
+    names = [peft.CONFIG_NAME, loader.WEIGHTS_NAME]
+    for item in (checkpoint.META_ITEM, checkpoint.ARRAYS_ITEM):
+        if os.path.isdir(folder := os.path.join(path, item)):
+            names += sorted(os.path.join(item, n) for n in os.listdir(folder))
+    stamp = []
+    for name in names:
+        try:
+            st = os.stat(os.path.join(path, name))
+        except OSError:
+            continue
+        stamp.append((name, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 __all__ = [

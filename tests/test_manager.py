@@ -9,13 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import ADAPTER_NAMES, ADAPTERS_DIR
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import jlora
 from jlora import manager as M
@@ -28,6 +30,7 @@ from jlora.errors import (
     MappingError,
     UnknownAdapterError,
 )
+from jlora.hostio import freeze
 from jlora.request import LoRARequest
 from jlora.targets import TargetModule
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
@@ -436,10 +439,10 @@ def test_transposed_views_are_cached_without_a_copy_and_written_correctly():
     }
     model = a.replace(loras=torch_layout)
     for x in jax.tree.leaves(model):
-        x.setflags(write=False)  # read-only, as the loaders hand them out
+        freeze(x)  # read-only down to the owner, as the loaders hand them out
     assert not model.loras["mlp.down"].lora_a.flags.c_contiguous
     state = M.add_adapter(toy_state(), model)
-    assert state.cache[1] is model
+    assert _shares_arrays(state.cache[1], model)
     check_invariants(M.activate_adapter(state, 1), {1: a})
 
 
@@ -468,7 +471,32 @@ def test_dtype_is_converted_on_add_and_fp32_adapter_fits_bf16_banks():
     a = make_adapter(1)
     for x in jax.tree.leaves(a):
         x.setflags(write=False)
-    assert M.add_adapter(toy_state(), a).cache[1] is a  # host-ready and read-only: no copy
+    assert _shares_arrays(M.add_adapter(toy_state(), a).cache[1], a)  # read-only: no copy
+
+
+def _shares_arrays(cached, model) -> bool:
+    pairs = zip(jax.tree.leaves(cached), jax.tree.leaves(model), strict=True)
+    return cached.loras is not model.loras and all(x is y for x, y in pairs)
+
+
+def test_the_cache_is_not_changed_through_the_callers_objects():
+    a = make_adapter(1)
+    for x in jax.tree.leaves(a):
+        x.setflags(write=False)
+    state = M.add_adapter(toy_state(), a)
+    a.loras.pop("attn.q")  # the caller's dict: the cache keeps its own
+    assert "attn.q" in state.cache[1].loras
+    # A read-only view of memory the caller can still write is copied.
+    b = make_adapter(2)
+    writable = {k: w.lora_a for k, w in b.loras.items()}
+    views = b.replace(loras={k: w.replace(lora_a=w.lora_a.view()) for k, w in b.loras.items()})
+    for x in jax.tree.leaves(views):
+        x.setflags(write=False)
+    state = M.add_adapter(state, views)
+    for k, x in writable.items():
+        x[...] = 123.0
+        assert not (state.cache[2].loras[k].lora_a == 123.0).any()
+    check_invariants(M.activate_adapter(state, 2), {1: make_adapter(1), 2: make_adapter(2)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,10 +565,26 @@ def test_request_for_a_model_added_from_the_same_path_attaches_the_disk_tier(via
         state = M.activate_adapter(state, disk.request(1))
     else:
         state, _ = M.prepare_batch(state, [disk.request(1)], [1])
-    assert disk.loads == [] and 1 in state.requests
+    # Read once, to check that the model is what its path holds (an eviction reloads it).
+    assert disk.loads == [1] and 1 in state.requests
     state = M.add_adapter(state, make_adapter(2))  # evicts 1 from the host cache
     state = M.activate_adapter(state, 1)  # known by its request: reloaded, not forgotten
-    assert disk.loads == [1] and state.slot_of(1) is not None
+    assert disk.loads == [1, 1] and state.slot_of(1) is not None
+
+
+@pytest.mark.parametrize("via", ["add", "activate", "prepare_batch"])
+def test_request_for_a_model_that_its_path_does_not_hold_is_refused(via):
+    disk = MemoryDisk({1: make_adapter(1, path="/mem/1")})
+    state = M.add_adapter(toy_state(load_fn=disk), make_adapter(1, path="/mem/1", seed=7))
+    snap = snapshot(state)
+    with pytest.raises(AdapterMismatchError, match="what /mem/1 holds differs.*other weights"):
+        if via == "add":
+            M.add_adapter(state, disk.request(1))
+        elif via == "activate":
+            M.activate_adapter(state, disk.request(1))
+        else:
+            M.prepare_batch(state, [disk.request(1)], [1])
+    assert_unchanged(state, snap)
 
 
 def test_model_with_the_id_of_a_request_from_another_path_is_refused():
@@ -913,3 +957,113 @@ def test_disk_tier_names_a_checkpoint_without_its_metadata(tmp_path):
     request = LoRARequest(lora_name="a1", lora_int_id=1, lora_path=ckpt)
     with pytest.raises(jlora.CheckpointError, match="missing; the checkpoint is incomplete"):
         M.add_adapter(toy_state(), request)
+
+
+def _copy_fixture(name: str, to) -> str:
+    shutil.copytree(ADAPTERS_DIR / name, to)
+    return os.fspath(to)
+
+
+def test_a_reload_must_find_the_files_it_first_read(tmp_path):
+    path = _copy_fixture("attn_r8", tmp_path / "a")
+    cfg = jlora.LoRAConfig(max_loras=1, max_lora_rank=8, max_cpu_loras=1)
+    request = LoRARequest(lora_name="a", lora_int_id=1, lora_path=path)
+    state = M.activate_adapter(M.init_state(cfg, llama_targets()), request)
+    first = state.cache[1]
+    other = LoRARequest(lora_name="b", lora_int_id=2, lora_path=ADAPTERS_DIR / "attn_r8")
+    state = M.activate_adapter(state, other)  # evicts 1 from the host cache
+    assert 1 not in state.cache
+    # The same files again: reloaded.
+    state = M.activate_adapter(M.activate_adapter(state, 1), 2)
+    # Other weights under the same file name: refused, naming the adapter and what to do.
+    weights = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(weights)
+    save_file({k: v * 2 for k, v in tensors.items()}, weights)
+    snap = snapshot(state)
+    with pytest.raises(
+        AdapterMismatchError, match="'a' \\(id 1\\): adapter_model.safetensors at .* changed"
+    ):
+        M.activate_adapter(state, 1)
+    assert_unchanged(state, snap)
+    state = M.add_adapter(M.remove_adapter(state, 1), request)  # re-added: the new weights
+    key = next(iter(first.loras))
+    np.testing.assert_array_equal(state.cache[1].loras[key].lora_a, 2 * first.loras[key].lora_a)
+    # Files gone: the loader's error, saying it was a reload of an evicted adapter.
+    state = M.activate_adapter(state, 2)
+    shutil.rmtree(path)
+    with pytest.raises(jlora.AdapterConfigError, match="'a' \\(id 1\\) was evicted .* remove_"):
+        M.activate_adapter(state, 1)
+
+
+def test_a_relative_request_path_is_kept_as_the_directory_it_named(tmp_path, monkeypatch):
+    _copy_fixture("attn_r8", tmp_path / "here" / "ad")
+    _copy_fixture("layers_r4", tmp_path / "there" / "ad")
+    monkeypatch.chdir(tmp_path / "here")
+    cfg = jlora.LoRAConfig(max_loras=1, max_lora_rank=8, max_cpu_loras=1)
+    state = M.activate_adapter(
+        M.init_state(cfg, llama_targets()),
+        LoRARequest(lora_name="a", lora_int_id=1, lora_path="ad"),
+    )
+    first = state.cache[1]
+    state = M.add_adapter(state, make_llama_adapter(2))  # evicts 1 from the host cache
+    monkeypatch.chdir(tmp_path / "there")
+    state = M.activate_adapter(state, 1)  # reloaded from here/ad, not there/ad
+    assert M.list_adapters(state)[0].path == os.fspath(tmp_path / "here" / "ad")
+    assert not M._difference(first, state.cache[1])
+
+
+def make_llama_adapter(adapter_id: int) -> LoRAModel:
+    return jlora.load_adapter(ADAPTERS_DIR / "attn_r8", adapter_id=adapter_id, name="other")
+
+
+def test_weights_the_banks_cannot_hold_or_check_are_refused():
+    a = make_adapter(1)
+    float8 = a.replace(
+        loras={
+            k: w.replace(lora_a=w.lora_a.astype(ml_dtypes.float8_e4m3fn))
+            for k, w in a.loras.items()
+        }
+    )
+    with pytest.raises(AdapterWeightsError, match="lora_a is float8_e4m3fn; LoRA weights are"):
+        M.add_adapter(toy_state(), float8)
+    lists = a.replace(loras={k: w.replace(lora_b=w.lora_b.tolist()) for k, w in a.loras.items()})
+    with pytest.raises(TypeError, match="lora_b is a list; give a NumPy or JAX array"):
+        M.add_adapter(toy_state(), lists)
+    with pytest.raises(AdapterMismatchError, match="'empty' \\(id 5\\) holds no LoRA modules"):
+        M.add_adapter(toy_state(), LoRAModel(loras={}, id=5, name="empty"))
+
+
+def test_arguments_of_the_wrong_type_are_type_errors():
+    state = M.add_adapter(toy_state(), make_adapter(1))
+    for bad in ("1", 1.0, None):
+        with pytest.raises(TypeError, match="adapter id"):
+            M.activate_adapter(state, bad)
+        with pytest.raises(TypeError, match="adapter id"):
+            M.pin_adapter(state, bad)
+    for bad in ("1", 1.0):
+        with pytest.raises(TypeError, match="an adapter id is an int"):
+            M.deactivate_adapter(state, bad)
+        with pytest.raises(TypeError, match="a batch entry must be .* got"):
+            M.prepare_batch(state, [bad], [1])
+    with pytest.raises(UnknownAdapterError, match="got -1"):
+        M.prepare_batch(state, [-1], [1])
+    with pytest.raises(TypeError, match="takes a list of adapters"):
+        M.add_adapters(state, make_adapter(2))
+
+
+def test_re_adding_a_cached_adapter_marks_it_most_recently_used():
+    state = M.add_adapters(toy_state(max_cpu_loras=2), [make_adapter(1), make_adapter(2)])
+    state = M.add_adapter(state, make_adapter(1))
+    assert state.lru == (2, 1)
+    assert sorted(M.add_adapter(state, make_adapter(3)).cache) == [1, 3]
+
+
+@pytest.mark.parametrize("source", ["peft", "checkpoint"])
+def test_the_loaders_arrays_are_cached_without_a_copy(source, tmp_path):
+    # The loaders freeze their read buffer down to its owner, so the cache may keep their views.
+    model = jlora.load_adapter(ADAPTERS_DIR / "attn_r8", adapter_id=1)
+    if source == "checkpoint":
+        model = jlora.restore_adapter(save_adapter(model, tmp_path / "c"))
+    cfg = jlora.LoRAConfig(max_loras=1, max_lora_rank=8, max_cpu_loras=1)
+    state = M.add_adapter(M.init_state(cfg, llama_targets()), model)
+    assert _shares_arrays(state.cache[1], model)

@@ -103,7 +103,10 @@ class LRUModel:
     def add(self, i, by_request):
         if by_request:
             self.disk.add(i)
-        if i not in self.cache:
+        if i in self.cache:  # the same adapter again: marked most recently used
+            self.cache.remove(i)
+            self.cache.append(i)
+        else:
             self._insert(i, {i})
 
     def activate(self, i, by_request):
