@@ -37,7 +37,7 @@ from jlora import manager
 from jlora.apply import apply, find_targets
 from jlora.config import LoRAConfig, is_int
 from jlora.context import lora_context, padded_batch_mapping
-from jlora.errors import CapacityError, EngineBusyError, LoRAConfigError
+from jlora.errors import CapacityError, EngineBusyError, LoRAConfigError, LoRAError
 from jlora.mapping import token_bucket
 from jlora.models.llama import KVCache
 from jlora.request import LoRARequest
@@ -54,8 +54,12 @@ class RequestOutput:
     prompt: tuple[int, ...]
     tokens: tuple[int, ...]
     logprobs: tuple[float, ...] | None
-    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens)
+    # "stop" (a stop token), "length" (max_tokens), or "error": its adapter, evicted from the
+    # host cache earlier, could not be reloaded when the request was admitted (``error`` says
+    # why); the other requests of the call are served.
+    finish_reason: str
     adapter: str | None
+    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,7 @@ class _Seq:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
 
     @property
     def position(self) -> int:
@@ -112,6 +117,7 @@ class _Seq:
             logprobs=tuple(self.logprobs) if self.params.logprobs else None,
             finish_reason=self.finish_reason or "length",
             adapter=self.adapter_name,
+            error=self.error,
         )
 
 
@@ -256,7 +262,10 @@ class Engine:
 
         Every request is checked before any is served: a bad prompt, parameter or adapter, or an
         adapter that cannot get a slot because pinned adapters hold them all, raises at once
-        and registers nothing.
+        and registers nothing. An adapter known from before and since evicted from the host
+        cache is reloaded when its requests are admitted; if that fails (its files are gone or
+        changed), those requests finish with ``finish_reason="error"`` and the reason in
+        ``error``, and the others are served.
         """
         with self._exclusive("generate"):
             return self._generate(prompts, lora_requests, sampling_params, on_token)
@@ -314,14 +323,29 @@ class Engine:
             if not admitted and not any(rows):  # ruled out by the pinned check above
                 raise RuntimeError(f"jlora bug: no waiting request fits the free slots ({waiting})")
             row_adapters = [s.adapter_id if s else BASE for s in rows]
-            self.state, decode_mapping = manager.prepare_batch(
-                self.state,
-                [requests_by_id.get(a, a) if a else None for a in row_adapters],
-                [1] * self.max_batch,
-                is_prefill=False,
-                num_tokens=self.max_batch,
-                num_seqs=self.max_batch,
-            )
+            try:
+                self.state, decode_mapping = manager.prepare_batch(
+                    self.state,
+                    [requests_by_id.get(a, a) if a else None for a in row_adapters],
+                    [1] * self.max_batch,
+                    is_prefill=False,
+                    num_tokens=self.max_batch,
+                    num_seqs=self.max_batch,
+                )
+            except LoRAError:
+                failed = self._reload_failures(row_adapters)
+                if not failed:
+                    raise
+                # Undo this step's admissions (nothing of them ran); fail the requests of the
+                # adapters that cannot be reloaded, and go on with the others.
+                for row, _ in admitted:
+                    rows[row] = None
+                waiting.extendleft(reversed([seq for _, seq in admitted]))
+                for seq in waiting:
+                    if seq.adapter_id in failed:
+                        seq.finish_reason, seq.error = "error", failed[seq.adapter_id]
+                waiting = deque(seq for seq in waiting if seq.finish_reason is None)
+                continue
             if admitted:
                 self._run_prefill(admitted, rows, on_token)
                 stats["prefill_calls"] += 1
@@ -334,6 +358,19 @@ class Engine:
         stats["generated_tokens"] = sum(len(s.tokens) for s in seqs)
         self.stats = EngineStats(**stats, wall_s=time.perf_counter() - start)
         return [s.output() for s in seqs]
+
+    def _reload_failures(self, adapter_ids) -> dict[int, str]:
+        """Adapter id -> why it cannot be reloaded, for those of ``adapter_ids`` that are out
+        of the host cache and fail to load; each that loads is cached in ``self.state``."""
+        failed = {}
+        for a in dict.fromkeys(adapter_ids):
+            if a == BASE or a in self.state.cache or a not in self.state.requests:
+                continue
+            try:
+                self.state = manager.add_adapter(self.state, self.state.requests[a])
+            except LoRAError as e:
+                failed[a] = f"{type(e).__name__}: {e}"
+        return failed
 
     def _new_seq(self, i, prompt, request, params) -> _Seq:
         try:

@@ -2,6 +2,7 @@
 and generated alone; continuous batching with more adapters than slots; no recompiles."""
 
 import functools
+import shutil
 import threading
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import ADAPTERS_DIR, FIXTURES
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 import jlora
 from jlora import manager
@@ -338,3 +340,34 @@ def test_engine_takes_a_lora_config_only():
 
     with pytest.raises(TypeError, match="lora_config must be a LoRAConfig, got str"):
         Engine(object(), "cfg")  # checked first: named, not an AttributeError deep inside
+
+
+@pytest.mark.parametrize("change", ["removed", "rewritten"])
+def test_an_adapter_that_cannot_be_reloaded_fails_only_its_requests(
+    base_model, requests, tmp_path, change
+):
+    a_dir = shutil.copytree(requests[ADAPTERS[0]].path, tmp_path / "a")
+    a = jlora.LoRARequest(lora_name="a", lora_int_id=101, lora_path=a_dir)
+    b = requests[ADAPTERS[1]]
+    # One slot and one host-cache entry: serving b evicts a from the host cache.
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16, max_cpu_loras=1)
+    engine = Engine(base_model, config, max_batch=2, max_seq_len=32)
+    prompts, adapters = prompts_for(4, seed=3), [None, a, b, None]
+    params = SamplingParams(max_tokens=4)
+    want = engine.generate(prompts, adapters, params)
+    assert a.adapter_id not in engine.state.cache
+    weights = a_dir / "adapter_model.safetensors"
+    if change == "removed":
+        shutil.rmtree(a_dir)
+    else:
+        save_file({k: 2 * v for k, v in load_file(weights).items()}, weights)
+    got = engine.generate(prompts, adapters, params)
+    assert got[1].finish_reason == "error" and got[1].tokens == ()
+    why = "was evicted from the host cache" if change == "removed" else "changed since"
+    assert why in got[1].error and "'a' (id 101)" in got[1].error
+    for i in (0, 2, 3):
+        assert got[i].tokens == want[i].tokens and got[i].error is None
+    # Removed and added again, it serves (its new files, when rewritten).
+    engine.remove_lora(a.adapter_id)
+    if change == "rewritten":
+        assert engine.generate(prompts[1:2], [a], params)[0].finish_reason != "error"
