@@ -32,6 +32,7 @@ class SamplingParams:
         reproducible; with None (the default, as in vLLM) the engine draws a fresh seed for
         each request, so requests sharing these params sample independently.
       stop_token_ids: generation ends after any of these tokens (it is included in the output).
+        The model's EOS is not added for you (vLLM adds it unless ``ignore_eos``): list it here.
       logprobs: also return the log-probability of each generated token.
     """
 
@@ -55,7 +56,8 @@ class SamplingParams:
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             problems.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         # The step holds it in float32, where a larger one is Inf (and samples uniformly).
-        if not _is_real(self.temperature) or not 0 <= self.temperature <= FLOAT32_MAX:
+        # float(): a float16 temperature compared with FLOAT32_MAX would overflow (a warning).
+        if not _is_real(self.temperature) or not 0 <= float(self.temperature) <= FLOAT32_MAX:
             problems.append(
                 f"temperature must be a finite float32 number >= 0, got {self.temperature!r}"
             )

@@ -160,3 +160,10 @@ def test_stop_token_ids_take_any_iterable_once():
 def test_seed_defaults_to_none_and_takes_numpy_ints():
     assert SamplingParams().seed is None
     assert SamplingParams(seed=np.uint32(7)).seed == 7
+
+
+def test_numpy_float_params_are_taken_without_warnings():
+    # pytest turns warnings into errors: a float16 compared with float32's max overflowed.
+    for dtype in (np.float16, np.float32, np.float64):
+        params = SamplingParams(temperature=dtype(0.5), top_p=dtype(0.5))
+        assert params.temperature == 0.5 and params.top_p == 0.5
