@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from jlora.config import LoRAConfig
+from jlora.config import LoRAConfig, is_int
 from jlora.context import LayerView, einsum_dims, lora_forward
 from jlora.errors import AdapterMismatchError, LoRAConfigError
 from jlora.peft import matches_target
@@ -276,8 +276,17 @@ def _slices(layer: _Layer, packed: _Packing) -> tuple[list[tuple[str, int]], int
     spec, groups = packed.get(leaf, (None, 1))
     if spec is None or layer.unsupported is not None:
         return [(layer.name, layer.out_dim)], 1
+    if layer.kind == "embed":
+        raise AdapterMismatchError(
+            f"packed_modules names {leaf!r}, but {layer.name!r} is an embedding, which cannot be "
+            "packed; leave it out of packed_modules"
+        )
+    if not all(is_int(d) and d >= 1 for _, d in spec):
+        raise AdapterMismatchError(
+            f"packed_modules[{leaf!r}] = {list(spec)}: each slice width must be an int >= 1"
+        )
     slices = [(f"{prefix}.{n}" if prefix else n, int(d)) for n, d in spec]
-    if layer.kind == "embed" or sum(d for _, d in slices) != layer.out_dim:
+    if sum(d for _, d in slices) != layer.out_dim:
         raise AdapterMismatchError(
             f"packed layer {layer.name!r} has {layer.out_dim} output features but "
             f"packed_modules[{leaf!r}] = {list(spec)} add up to {sum(d for _, d in slices)}"
@@ -500,7 +509,13 @@ def _is_static(arg) -> bool:
 
 
 def _shapes(params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sorted(nn.meta.unbox(params).items())}
+    # A layer's own arrays; a child module's params (a Dense subclass holding a LayerNorm,
+    # say) are a nested dict.
+    return {
+        k: tuple(v.shape)
+        for k, v in sorted(nn.meta.unbox(params).items())
+        if not isinstance(v, Mapping)
+    }
 
 
 def _apply_linen(module, target_modules, packed, sample_args, sample_kwargs, path_to_name):

@@ -341,7 +341,7 @@ def lora_forward(target: TargetModule, view: LayerView, x: jax.Array, y: jax.Arr
         return y
     ctx.read.add(target.name)
     _check_banks(target, banks)
-    _check_traced(target, x, banks, ctx.mapping)
+    _check_traced(target, x, y, banks, ctx.mapping)
     x2, y2 = view.tokens_in(x), view.tokens_out(y)
     in_dim = None if target.is_embedding else x2.shape[-1]
     if y2.shape[-1] != target.out_dim or in_dim not in (None, target.in_dim):
@@ -383,8 +383,9 @@ def _check_banks(target: TargetModule, banks: tuple[LoRABank, ...]) -> None:
             )
 
 
-def _check_traced(target: TargetModule, x, banks, mapping: LoRAMapping) -> None:
-    if not isinstance(x, jax.core.Tracer):
+def _check_traced(target: TargetModule, x, y, banks, mapping: LoRAMapping) -> None:
+    # y too: an Embed fed a NumPy array inside a jit has a concrete x but a traced output.
+    if not (isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer)):
         return
     leaves = [mapping.token_slots, *jax.tree_util.tree_leaves(banks)]
     if not all(isinstance(leaf, jax.core.Tracer) for leaf in leaves):

@@ -5,33 +5,55 @@ what users deploy when one adapter is all they need. Imports jlora modules only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora.apply import apply, find_targets
+from jlora.apply import PackedModules, apply, find_targets
 from jlora.errors import AdapterMismatchError
 from jlora.targets import TargetModule, split_whole_layer
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 
-def merge_adapter(model: nnx.Module, adapter: LoRAModel) -> nnx.Module:
-    """Returns a copy of ``model`` (an ``nnx.Module``, not wrapped) with ``adapter`` merged.
+def merge_adapter(
+    model: nnx.Module,
+    adapter: LoRAModel,
+    *,
+    packed_modules: PackedModules | None = None,
+    packed_groups: Mapping[str, int] | None = None,
+) -> nnx.Module:
+    """Returns a copy of ``model`` (an ``nnx.Module``, plain or returned by ``jlora.apply``)
+    with ``adapter`` merged.
 
     Linear-like layers add ``scaling * lora_a @ lora_b`` to their ``[in, out]`` kernel (into the
     slice's columns for a fused projection); embeddings add ``scaling * lora_a @ lora_b`` to their
     ``[vocab, dim]`` table; a LoRA bias (PEFT ``lora_bias``) adds ``scaling * bias`` to the layer's
     bias. A ``PackedLoRALayerWeights`` keyed by a fused layer's name (as the adapter manager and
     ``restore_adapter`` hold them) merges slice ``j`` into that slice's columns. Packed layers and
-    their column groups are the model's own (``packed_modules_mapping``,
-    ``packed_modules_groups``), as ``jlora.apply(model)`` finds them. The input model is left
+    their column groups are those of a wrapped model's targets (so a merge matches what it
+    serves), else ``jlora.apply(model, packed_modules=..., packed_groups=...)``'s (default: the
+    model's ``packed_modules_mapping`` and ``packed_modules_groups``). The input model is left
     unchanged.
+
+    An embedding's merge changes its table, so a tied LM head (``embed.attend``) sees it too;
+    serving (and PEFT unmerged) applies an embedding's LoRA to the lookup only.
 
     Raises:
       AdapterMismatchError: an adapter module with no layer in the model, dims that differ, a
         packed module whose slices do not match its layer's, a kernel that is not an ``[in, out]``
         matrix, or a LoRA bias for a layer without one.
     """
-    targets = find_targets(apply(model))
+    targets = find_targets(model) if isinstance(model, nnx.Module) else ()
+    if not targets:  # a plain model: its layers as apply would wrap them
+        targets = find_targets(
+            apply(model, packed_modules=packed_modules, packed_groups=packed_groups)
+        )
+    elif packed_modules is not None or packed_groups is not None:
+        raise TypeError(
+            "merge_adapter: packed_modules / packed_groups are for a plain model; a model "
+            "returned by jlora.apply merges into the layers it was wrapped with"
+        )
     by_name = {t.name: t for t in targets}
     where = {p: (t, j) for t in targets for j, p in enumerate(t.peft_names)}
     merges, missing = [], []  # merges: (what to call it, target, slice index, weights)

@@ -52,7 +52,14 @@ class TargetModule:
     groups: int = 1
 
     def __post_init__(self):
-        object.__setattr__(self, "out_dims", tuple(int(d) for d in self.out_dims))
+        out_dims = tuple(self.out_dims)
+        if not all(is_int(d) and d >= 1 for d in (self.in_dim, *out_dims)):  # not int(2.7) = 2
+            raise AdapterMismatchError(
+                f"target {self.name!r}: in_dim={self.in_dim!r} and out_dims={out_dims!r} must "
+                "be ints >= 1"
+            )
+        object.__setattr__(self, "in_dim", int(self.in_dim))
+        object.__setattr__(self, "out_dims", tuple(int(d) for d in out_dims))
         object.__setattr__(self, "peft_names", tuple(self.peft_names))
         if len(self.out_dims) != len(self.peft_names) or not self.out_dims:
             raise AdapterMismatchError(

@@ -473,6 +473,9 @@ def test_grouped_packed_columns_are_served_and_merged_in_their_groups(rng):
     class Ungrouped(Fused):  # the same layer, its layout given to apply by the caller
         packed_modules_groups = None
 
+    class Unpacked(Ungrouped):  # the same layer, declared packed by the caller only
+        packed_modules_mapping = None
+
     model = Fused(nnx.Rngs(0))
     wrapped = apply(model)
     ungrouped = Ungrouped(nnx.Rngs(0))
@@ -509,6 +512,18 @@ def test_grouped_packed_columns_are_served_and_merged_in_their_groups(rng):
     k_cols = [i for i, c in enumerate(order) if 6 <= c < 10]
     np.testing.assert_array_equal(y[0][:, k_cols], model(x[0])[:, k_cols])  # k untouched
     assert_close(merge_adapter(model, adapter)(x[0]), expected)
+    # A layout the caller gave apply: the wrapped model merges into the layers it serves, a
+    # plain one takes the same arguments as apply.
+    served = apply(ungrouped, packed_groups={"qkv_proj": 2})
+    assert_close(merge_adapter(served, adapter)(x[0]), expected)
+    assert_close(merge_adapter(ungrouped, adapter, packed_groups={"qkv_proj": 2})(x[0]), expected)
+    unpacked = Unpacked(nnx.Rngs(0))
+    layout = dict(packed_modules=packed, packed_groups={"qkv_proj": 2})
+    assert_close(merge_adapter(unpacked, adapter, **layout)(x[0]), expected)
+    served = apply(unpacked, **layout)
+    assert_close(merge_adapter(served, adapter)(x[0]), expected)
+    with pytest.raises(TypeError, match="packed_modules / packed_groups are for a plain model"):
+        merge_adapter(served, adapter, packed_groups={"qkv_proj": 2})
     # A LoRA bias (PEFT's lora_bias) merges into the same grouped columns of the layer's bias.
     v = adapter.get_lora("v_proj")
     v_bias = dataclasses.replace(v, bias=rng.standard_normal(4).astype(np.float32))
@@ -671,6 +686,31 @@ def test_linen_dense_subclass_calling_super_gets_its_lora_once(rng):
     assert_base_row(y[1], base[1])
 
 
+def test_linen_dense_subclass_with_a_child_module_is_served(rng):
+    class NormDense(nn.Dense):  # owns a LayerNorm: its params hold the child's nested dict
+        @nn.compact
+        def __call__(self, x):
+            return super().__call__(nn.LayerNorm(name="norm")(x))
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return NormDense(4, name="proj")(x)
+
+    x = jnp.asarray(rng.standard_normal((2, 3, 5)), jnp.float32)
+    module = Model()
+    variables = module.init(jax.random.key(0), x)
+    wrapped = apply(module, sample_args=(x,))
+    assert [t.name for t in wrapped.targets] == ["proj"]
+    adapter = random_adapter(rng, wrapped.targets, 1)
+    state, mapping = serve(manager_with(wrapped.targets, [adapter]), [1, None], seq_len=3)
+    y = linen_forward(wrapped, variables)(x, state.banks, mapping)
+    base = module.apply(variables, x)
+    # As PEFT wraps a module's forward: LoRA reads the input the layer was called with.
+    assert_close(y[0], base[0] + x[0] @ delta(adapter, "proj"))
+    assert_base_row(y[1], base[1])
+
+
 def test_linen_targets_and_names():
     module = LinenTinyLM()
     ids = jax.ShapeDtypeStruct((2, 3), jnp.int32)  # discovery is abstract: no arrays needed
@@ -814,6 +854,29 @@ def test_linen_stacked_layers_are_refused(how, name):
         apply(module, sample_args=(x,), target_modules=[name])
     for kwargs in ({}, {"target_modules": ["pre"]}):  # the default selection skips the stack
         assert [t.name for t in apply(module, sample_args=(x,), **kwargs).targets] == ["pre"]
+
+
+def test_layer_dims_and_packed_widths_must_be_positive_ints():
+    for bad in (dict(in_dim=-3), dict(in_dim=2.0), dict(out_dims=(2.7,)), dict(out_dims=(True,))):
+        with pytest.raises(AdapterMismatchError, match="must be ints >= 1"):
+            TargetModule(
+                **{"name": "t", "in_dim": 4, "out_dims": (4,), "peft_names": ("t",), **bad}
+            )
+    model = NNXMLP(nnx.Rngs(0))
+    width = model.fc1.out_features
+    for widths in (
+        (2.9, width - 2),
+        (True, width - 1),
+        ("2", width - 2),
+        (-1, width + 1),
+        (0, width),
+    ):
+        spec = {"fc1": (("a", widths[0]), ("b", widths[1]))}
+        with pytest.raises(AdapterMismatchError, match=r"packed_modules\['fc1'\].*ints? >= 1"):
+            apply(model, packed_modules=spec)
+    embed = nnx.Embed(11, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(AdapterMismatchError, match="is an embedding, which cannot be packed"):
+        apply(embed, packed_modules={"": (("a", 2), ("b", 2))})
 
 
 def test_targeting_a_layer_without_an_in_out_view_raises():
@@ -1025,6 +1088,13 @@ def test_context_entered_outside_jit_is_refused():
         model(x)  # eager: fine
         with pytest.raises(MappingError, match="Enter jlora.lora_context inside the transformed"):
             nnx.jit(lambda m, x: m(x))(model, x)
+    # An embedding fed NumPy ids inside the jit: its input is concrete, its output traced.
+    embed = apply(nnx.Embed(11, 4, rngs=nnx.Rngs(0)))
+    ids = np.array([[1, 2, 3]])
+    with lora_context({"": LoRABank.zeros(2, 11, 4, 4)}, padded_batch_mapping([1], 3, num_slots=2)):
+        embed(ids)  # eager: fine
+        with pytest.raises(MappingError, match="layer '' is called under a JAX"):
+            nnx.jit(lambda m: m(ids))(embed)
 
 
 def test_banks_no_layer_reads_are_an_error_when_the_context_exits(rng):
