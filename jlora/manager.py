@@ -688,9 +688,9 @@ class _Plan:
         if type(model.id) is not int:  # as LoRARequest does: a NumPy id prints differently
             model = model.replace(id=int(model.id))
         existing = self.cache.get(model.id)
-        if existing is model:
+        if existing is not None and _holds_the_same_weights(existing, model):
             self.touch(model.id)
-            return  # the same adapter again: no-op
+            return  # the same adapter object again: no-op, without comparing its arrays
         fitted = _fit(self.layout, model, checked=False)
         if existing is not None:
             if not (differs := _difference(existing, fitted)):
@@ -1042,6 +1042,16 @@ def _is_host_ready(x, dtype: np.dtype) -> bool:
         isinstance(x, np.ndarray)
         and x.dtype == dtype
         and (flags.c_contiguous or flags.f_contiguous)
+    )
+
+
+def _holds_the_same_weights(cached: LoRAModel, model: LoRAModel) -> bool:
+    """Whether ``cached`` holds ``model``'s own (immutable) weight objects under the same
+    names: then ``_fit`` kept its arrays, which nothing can write (``hostio.is_frozen``)."""
+    return (
+        (cached.name, cached.path) == (model.name, model.path)
+        and cached.loras.keys() == model.loras.keys()
+        and all(cached.loras[k] is w for k, w in model.loras.items())
     )
 
 

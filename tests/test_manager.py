@@ -1067,3 +1067,16 @@ def test_the_loaders_arrays_are_cached_without_a_copy(source, tmp_path):
     cfg = jlora.LoRAConfig(max_loras=1, max_lora_rank=8, max_cpu_loras=1)
     state = M.add_adapter(M.init_state(cfg, llama_targets()), model)
     assert _shares_arrays(state.cache[1], model)
+
+
+def test_re_adding_the_same_model_object_compares_no_arrays(monkeypatch):
+    a = make_adapter(1)
+    for x in jax.tree.leaves(a):
+        x.setflags(write=False)
+    state = M.add_adapter(toy_state(), a)
+    compared = []
+    monkeypatch.setattr(M, "_difference", lambda *m: compared.append(m) or "")
+    assert M.add_adapter(state, a).cache[1] is state.cache[1] and compared == []
+    a.loras.pop("attn.q")  # the caller's dict changed: now another adapter, compared
+    M.add_adapter(state, a)
+    assert len(compared) == 1
