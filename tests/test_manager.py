@@ -1052,7 +1052,7 @@ def test_arguments_of_the_wrong_type_are_type_errors():
 
 
 def test_re_adding_a_cached_adapter_marks_it_most_recently_used():
-    state = M.add_adapters(toy_state(max_cpu_loras=2), [make_adapter(1), make_adapter(2)])
+    state = jlora.add_adapters(toy_state(max_cpu_loras=2), [make_adapter(1), make_adapter(2)])
     state = M.add_adapter(state, make_adapter(1))
     assert state.lru == (2, 1)
     assert sorted(M.add_adapter(state, make_adapter(3)).cache) == [1, 3]
