@@ -41,7 +41,7 @@ import numpy as np
 from jlora import ops
 from jlora.config import is_int
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
-from jlora.mapping import LoRAMapping
+from jlora.mapping import LoRAMapping, check_arrays
 from jlora.targets import TargetModule
 from jlora.weights import LoRABank
 
@@ -103,6 +103,7 @@ def lora_context(
         raise LoRAConfigError(f"lora_context: impl={impl!r} is not one of {ops.IMPLS}")
     if not isinstance(mapping, LoRAMapping):
         raise MappingError(f"lora_context needs a LoRAMapping, got {type(mapping).__name__}")
+    check_arrays("lora_context", mapping)
     if not isinstance(banks, Mapping):
         raise AdapterMismatchError(
             f"lora_context needs a dict of banks keyed by target name, got {type(banks).__name__}"

@@ -18,8 +18,8 @@ of 512; batch rows pad to the next power of two from 1. So a serving loop compil
 per bucket, not per batch shape. Every index is checked here, on the host: JAX gathers clamp
 out-of-range indices silently on device, so a bad slot must raise before it gets there.
 A layer tells per-token rows from per-sequence rows (the LM head) by their count, so when both
-pad to the same size, token i must be on sequence i's slot (a decode step); build refuses the
-other layouts and names a ``num_seqs`` that separates them.
+pad to the same size, token i must be on real sequence i's slot (a decode step); build refuses
+the other layouts and names a ``num_seqs`` that separates them.
 """
 
 from __future__ import annotations
@@ -81,12 +81,6 @@ class LoRAMapping:
             slot_counts=self.slot_counts,
             slot_starts=self.slot_starts,
         )
-        for name, v in leaves.items():
-            if isinstance(v, list | tuple):
-                raise MappingError(
-                    f"LoRAMapping.{name} is a {type(v).__name__}; give NumPy or JAX arrays, "
-                    "or build it with LoRAMapping.build"
-                )
         values = leaves.values()
         if any(isinstance(v, np.ndarray) for v in values) and all(
             isinstance(v, np.ndarray)
@@ -163,9 +157,10 @@ class LoRAMapping:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
         padded_seq_slots = np.zeros(b, np.int32)
         padded_seq_slots[: slots.size] = slots
-        if t == b and not np.array_equal(token_slots, padded_seq_slots):
+        if t == b and not np.array_equal(token_slots[: slots.size], slots):
             # A layer tells per-token rows from per-sequence rows (the LM head on last tokens)
-            # by their count: with T == B it would read token slots for sequence rows.
+            # by their count: with T == B it would read token slots for sequence rows (for the
+            # padding rows past the real sequences that is harmless: their outputs are unused).
             raise MappingError(
                 f"the mapping would have {t} tokens and {b} sequences, but token i is not "
                 "sequence i (lengths are not all 1), so a layer could not tell per-token rows "
@@ -196,10 +191,6 @@ def _check_host_mapping(token_slots, seq_slots, sorted_ids, counts, starts) -> N
     for name, v in (("token_slots", token_slots), ("seq_slots", seq_slots)):
         if v.size and (v.min() < 0 or v.max() >= num_slots):
             problems.append(f"{name} holds slots outside [0, {num_slots})")
-    if t == seq_slots.size and not np.array_equal(token_slots, seq_slots):
-        problems.append(  # as in build: a layer tells the two kinds of rows apart by count
-            f"it has {t} tokens and {t} sequences but token i is not sequence i"
-        )
     if not problems:
         want = np.argsort(token_slots, kind="stable")
         if not np.array_equal(sorted_ids, want):
@@ -213,6 +204,18 @@ def _check_host_mapping(token_slots, seq_slots, sorted_ids, counts, starts) -> N
         raise MappingError(
             "LoRAMapping: " + "; ".join(problems) + "; build it with LoRAMapping.build"
         )
+
+
+def check_arrays(where: str, mapping: LoRAMapping) -> None:
+    """Raises ``MappingError`` unless the mapping's fields are arrays (a hand-built one of
+    Python lists would fail deep inside a layer)."""
+    for name in ("token_slots", "seq_slots", "sorted_token_ids", "slot_counts", "slot_starts"):
+        v = getattr(mapping, name)
+        if not (hasattr(v, "shape") and hasattr(v, "dtype")):
+            raise MappingError(
+                f"{where}: LoRAMapping.{name} is a {type(v).__name__}; give NumPy or JAX "
+                "arrays, or build the mapping with LoRAMapping.build"
+            )
 
 
 def _check_int_vector(name: str, v: np.ndarray) -> None:

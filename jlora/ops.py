@@ -64,7 +64,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels as pk
 from jlora.config import is_int
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
-from jlora.mapping import LoRAMapping
+from jlora.mapping import LoRAMapping, check_arrays
 from jlora.targets import join_packed, split_packed
 from jlora.weights import DATA, MODEL, MODEL_SPLITS, LoRABank
 
@@ -333,6 +333,7 @@ def _check_num_slots(where: str, mapping: LoRAMapping, bank: LoRABank) -> None:
     # A slot index past the banks would be clamped by the gathers: another adapter, silently.
     if not isinstance(mapping, LoRAMapping):
         raise MappingError(f"{where} needs a LoRAMapping, got {type(mapping).__name__}")
+    check_arrays(where, mapping)
     if mapping.num_slots != bank.num_slots:
         raise MappingError(
             f"{where}: the mapping was built for num_slots={mapping.num_slots} but the banks "

@@ -108,7 +108,7 @@ def test_invariants(case):
 def test_equal_token_and_sequence_counts_need_token_i_to_be_sequence_i():
     # 12 sequences, 16 tokens: both pad to 16 rows, and a layer tells per-token rows from
     # per-sequence rows (the LM head on last tokens) by their count alone.
-    slots, lengths = [1] * 6 + [2] * 6, [1] * 10 + [3, 3]
+    slots, lengths = [1, 2] * 6, [1] * 10 + [3, 3]  # token 11 is on slot 1, sequence 11 on 2
     with pytest.raises(MappingError, match="16 tokens and 16 sequences.*num_seqs=32"):
         LoRAMapping.build(slots, lengths, num_slots=3)
     with pytest.raises(MappingError, match="16 tokens and 16 sequences"):
@@ -118,8 +118,14 @@ def test_equal_token_and_sequence_counts_need_token_i_to_be_sequence_i():
     # Token i is sequence i (decode, or zero-length base sequences at the end): accepted.
     decode = LoRAMapping.build([1, 2, 0], [1, 1, 0], num_slots=3, num_tokens=4, num_seqs=4)
     np.testing.assert_array_equal(decode.token_slots, decode.seq_slots)
-    with pytest.raises(MappingError, match="token i is not sequence i"):
-        _host_mapping([1, 2], 3, seq_slots=np.asarray([2, 1], np.int32))
+    # Only the real sequences must match: padding rows' outputs are unused.
+    for slots, lengths, kw in (([3, 3], [8, 8], {"num_seqs": 16}), ([1], [16], {"num_seqs": 16})):
+        m = LoRAMapping.build(slots, lengths, num_slots=4, **kw)
+        assert m.num_tokens == m.seq_slots.shape[0] == 16
+    assert LoRAMapping.build([2] * 9, [1] * 9, num_slots=3).num_tokens == 16
+    # A pytree map of a mapping to other leaves (shapes, lists) is plain pytree use.
+    shapes = jax.tree.map(lambda x: x.shape, decode)
+    assert shapes.token_slots == (4,)
 
 
 def _host_mapping(token_slots, num_slots, *, slot_starts_on_device=False, **replace):
@@ -139,12 +145,20 @@ def _host_mapping(token_slots, num_slots, *, slot_starts_on_device=False, **repl
 
 
 @pytest.mark.parametrize("kind", [list, tuple])
-def test_a_mapping_of_python_sequences_is_refused(kind):
-    fields = {k: np.asarray(v).tolist() for k, v in _host_mapping([1, 0], 2).__dict__.items()}
-    fields.pop("is_prefill")
-    fields["token_slots"] = kind(fields["token_slots"])
-    with pytest.raises(MappingError, match=f"token_slots is a {kind.__name__}.*build"):
-        LoRAMapping(**{**fields, "sorted_token_ids": np.asarray(fields["sorted_token_ids"])})
+def test_a_mapping_of_python_sequences_is_refused_where_it_is_used(kind):
+    from jlora.context import lora_context
+    from jlora.ops import add_lora
+    from jlora.weights import LoRABank
+
+    mapping = jax.tree.map(lambda x: kind(np.asarray(x).tolist()), _host_mapping([1, 0], 2))
+    bank = LoRABank.zeros(2, 4, 4, 2)
+    with pytest.raises(
+        MappingError, match=f"add_lora: LoRAMapping.token_slots is a {kind.__name__}"
+    ):
+        add_lora(jax.numpy.zeros((2, 4)), jax.numpy.zeros((2, 4)), (bank,), mapping)
+    with pytest.raises(MappingError, match="lora_context: LoRAMapping.token_slots is a"):
+        with lora_context({"t": bank}, mapping):
+            pass
 
 
 @pytest.mark.parametrize(
