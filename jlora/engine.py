@@ -304,7 +304,8 @@ class Engine:
                 )
         # Every new adapter is loaded now, in one operation: a bad one fails before serving and
         # registers none of them.
-        unseen = [r for r in requests if not self.state.is_known(r.adapter_id)]
+        # (An id cached from a bare LoRAModel is compared with its request's files here too.)
+        unseen = [r for r in requests if r.adapter_id not in self.state.requests]
         if unseen:
             self.state = manager.add_adapters(self.state, unseen)
 
@@ -337,13 +338,23 @@ class Engine:
                 if not failed:
                     raise
                 # Undo this step's admissions (nothing of them ran); fail the requests of the
-                # adapters that cannot be reloaded, and go on with the others.
+                # adapters that cannot be reloaded (a running one keeps its tokens), and go on
+                # with the others.
                 for row, _ in admitted:
                     rows[row] = None
                 waiting.extendleft(reversed([seq for _, seq in admitted]))
+                marked = 0
+                for r, seq in enumerate(rows):
+                    if seq is not None and seq.adapter_id in failed:
+                        seq.finish_reason, seq.error = "error", failed[seq.adapter_id]
+                        rows[r] = None
+                        marked += 1
                 for seq in waiting:
                     if seq.adapter_id in failed:
                         seq.finish_reason, seq.error = "error", failed[seq.adapter_id]
+                        marked += 1
+                if not marked:  # the next step would fail the same way, forever
+                    raise RuntimeError(f"jlora bug: no request of {sorted(failed)}") from None
                 waiting = deque(seq for seq in waiting if seq.finish_reason is None)
                 continue
             if admitted:
@@ -361,14 +372,13 @@ class Engine:
 
     def _reload_failures(self, adapter_ids) -> dict[int, str]:
         """Adapter id -> why it cannot be reloaded, for those of ``adapter_ids`` that are out
-        of the host cache and fail to load; each that loads is cached in ``self.state``."""
+        of the host cache and fail to load. Changes nothing (a load that succeeded here and
+        were kept could evict a running row's adapter)."""
         failed = {}
         for a in dict.fromkeys(adapter_ids):
             if a == BASE or a in self.state.cache or a not in self.state.requests:
                 continue
-            try:
-                self.state = manager.add_adapter(self.state, self.state.requests[a])
-            except LoRAError as e:
+            if (e := manager.reload_error(self.state, a)) is not None:
                 failed[a] = f"{type(e).__name__}: {e}"
         return failed
 

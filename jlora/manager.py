@@ -497,6 +497,22 @@ def warmup(state: AdapterManagerState, *, donate: bool = True) -> AdapterManager
     return dataclasses.replace(state, bank_list=banks)
 
 
+def reload_error(state: AdapterManagerState, adapter_id: int) -> LoRAError | None:
+    """The error that reloading ``adapter_id`` (known by its request, out of the host cache)
+    from disk raises now, or None when it loads (or is cached). Reads the files once and
+    changes nothing: a serving loop uses it to find which adapter a failed step could not load.
+    """
+    plan = _Plan(state)
+    plan.require_known(adapter_id)
+    if adapter_id in plan.cache:
+        return None
+    try:
+        plan.load(plan.requests[adapter_id])
+    except LoRAError as e:
+        return e
+    return None
+
+
 def list_adapters(state: AdapterManagerState) -> tuple[AdapterInfo, ...]:
     """Every known adapter (cached or on disk), by id."""
     infos = []
@@ -1269,9 +1285,11 @@ def _norm(path: str | os.PathLike) -> str:
 
 def _absolute(request: LoRARequest) -> LoRARequest:
     """``request`` with its path made absolute now: a relative one would be reloaded from
-    wherever the working directory is at the time of an eviction's reload."""
-    path = _norm(request.path)
-    return request if path == request.path else dataclasses.replace(request, lora_path=path)
+    wherever the working directory is at the time of an eviction's reload. Joined, not
+    normalized: ``link/..`` must stay what the filesystem makes of it (``_norm`` compares)."""
+    if os.path.isabs(request.path):
+        return request
+    return dataclasses.replace(request, lora_path=os.path.join(os.getcwd(), request.path))
 
 
 _UNREAD = object()  # sources.get default: the id's files were never read
@@ -1311,6 +1329,7 @@ __all__ = [
     "load_from_disk",
     "pin_adapter",
     "prepare_batch",
+    "reload_error",
     "remove_adapter",
     "split_batch",
     "unpin_adapter",

@@ -2,6 +2,7 @@
 and generated alone; continuous batching with more adapters than slots; no recompiles."""
 
 import functools
+import os
 import shutil
 import threading
 
@@ -371,3 +372,52 @@ def test_an_adapter_that_cannot_be_reloaded_fails_only_its_requests(
     engine.remove_lora(a.adapter_id)
     if change == "rewritten":
         assert engine.generate(prompts[1:2], [a], params)[0].finish_reason != "error"
+
+
+def test_a_failed_reload_mid_run_does_not_evict_running_adapters(
+    base_model, requests, tmp_path, monkeypatch
+):
+    def copy(name, i, src):
+        path = shutil.copytree(ADAPTERS_DIR / src, tmp_path / name)
+        return jlora.LoRARequest(lora_name=name, lora_int_id=i, lora_path=path)
+
+    x, v1, v2 = (
+        copy("x", 11, "attn_r8"),
+        copy("v1", 12, "mlp_r4_rslora"),
+        copy("v2", 13, "all_r8_bf16"),
+    )
+    y, z = copy("y", 14, "layers_r4"), copy("z", 15, "regex_r2")
+    config = jlora.LoRAConfig(max_loras=3, max_lora_rank=16, max_cpu_loras=3)
+    engine = Engine(base_model, config, max_batch=4, max_seq_len=48)
+    engine.generate([[1, 2, 3]] * 2, [y, z], SamplingParams(max_tokens=1))  # y, z known
+    probes = []
+    real = engine._reload_failures
+    monkeypatch.setattr(engine, "_reload_failures", lambda ids: probes.append(ids) or real(ids))
+
+    def on_token(i, token):  # x's first token: x (running, cached) and z (evicted) lose files
+        if i == 0 and os.path.exists(x.path):
+            shutil.rmtree(x.path)
+            shutil.rmtree(z.path)
+
+    params = [SamplingParams(max_tokens=m) for m in (8, 1, 1, 2, 2)]
+    outs = engine.generate([[5, 6, 7]] * 5, [x, v1, v2, y, z], params, on_token=on_token)
+    assert [o.finish_reason for o in outs] == ["length"] * 4 + ["error"]
+    assert len(outs[0].tokens) == 8 and "'z' (id 15) was evicted" in outs[4].error
+    assert len(probes) == 1  # one failed step, then served to the end
+
+
+def test_a_request_for_an_adapter_given_as_a_model_is_checked_before_serving(base_model):
+    path = ADAPTERS_DIR / "attn_r8"
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16)
+    engine = Engine(base_model, config, max_batch=1, max_seq_len=48)
+    model = jlora.load_adapter(path, adapter_id=1, name="a")
+    k, w = next(iter(model.loras.items()))
+    edited = model.replace(loras={**model.loras, k: w.replace(lora_a=2 * w.lora_a)})
+    engine.state = manager.add_adapter(engine.state, edited)  # not what its path holds
+    request = jlora.LoRARequest(lora_name="a", lora_int_id=1, lora_path=path)
+    served = []
+    with pytest.raises(jlora.AdapterMismatchError, match="holds differs"):
+        engine.generate(
+            [[1, 2, 3]] * 3, [None, None, request], on_token=lambda i, t: served.append(i)
+        )
+    assert served == []

@@ -1080,3 +1080,18 @@ def test_re_adding_the_same_model_object_compares_no_arrays(monkeypatch):
     a.loras.pop("attn.q")  # the caller's dict changed: now another adapter, compared
     M.add_adapter(state, a)
     assert len(compared) == 1
+
+
+def test_a_relative_path_through_a_symlink_is_read_as_the_filesystem_resolves_it(
+    tmp_path, monkeypatch
+):
+    _copy_fixture("attn_r8", tmp_path / "store" / "attn_r8")
+    (tmp_path / "store" / "sub").mkdir()
+    (tmp_path / "cwd").mkdir()
+    os.symlink(tmp_path / "store" / "sub", tmp_path / "cwd" / "link")
+    monkeypatch.chdir(tmp_path / "cwd")
+    request = LoRARequest(lora_name="a", lora_int_id=1, lora_path="link/../attn_r8")
+    assert jlora.load_adapter(request.path, adapter_id=1)  # link/.. is store/, not cwd/
+    cfg = jlora.LoRAConfig(max_loras=1, max_lora_rank=8, max_cpu_loras=1)
+    state = M.activate_adapter(M.init_state(cfg, llama_targets()), request)
+    assert state.requests[1].path == os.path.join(tmp_path / "cwd", "link/../attn_r8")
