@@ -47,7 +47,8 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 
 def freeze(buf: np.ndarray) -> None:
     """Makes ``buf`` and every array it is a view of read-only, so that ``is_frozen`` holds for
-    views of it: nothing can write the memory a cached adapter shares."""
+    views of it: no NumPy write reaches the memory a cached adapter shares (short of turning
+    the flag back on, which NumPy allows on the owner)."""
     x = buf
     while isinstance(x, np.ndarray):
         x.setflags(write=False)
@@ -55,9 +56,10 @@ def freeze(buf: np.ndarray) -> None:
 
 
 def is_frozen(x: np.ndarray) -> bool:
-    """Whether nothing can write ``x``'s memory through numpy: ``x`` and every array it is a
-    view of are read-only, down to memory numpy owns or immutable ``bytes`` (a read-only view
-    of a writable array, or of a ``bytearray`` or ``mmap``, is not)."""
+    """Whether no NumPy write reaches ``x``'s memory: ``x`` and every array it is a view of are
+    read-only, down to memory NumPy owns or immutable ``bytes`` (a read-only view of a writable
+    array, or of a ``bytearray`` or ``mmap``, is not). A caller that sets the owner writable
+    again is not guarded against."""
     while isinstance(x, np.ndarray):
         if x.flags.writeable:
             return False

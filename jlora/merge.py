@@ -44,7 +44,9 @@ def merge_adapter(
         packed module whose slices do not match its layer's, a kernel that is not an ``[in, out]``
         matrix, or a LoRA bias for a layer without one.
     """
-    targets = find_targets(model) if isinstance(model, nnx.Module) else ()
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"merge_adapter takes an nnx.Module (NNX only), got {type(model)}")
+    targets = wrapped = find_targets(model)
     if not targets:  # a plain model: its layers as apply would wrap them
         targets = find_targets(
             apply(model, packed_modules=packed_modules, packed_groups=packed_groups)
@@ -53,6 +55,13 @@ def merge_adapter(
         raise TypeError(
             "merge_adapter: packed_modules / packed_groups are for a plain model; a model "
             "returned by jlora.apply merges into the layers it was wrapped with"
+        )
+    paths = {".".join(str(p) for p in path) for path, _ in nnx.iter_modules(model)}
+    if strays := [t.name for t in targets if t.name not in paths]:
+        raise AdapterMismatchError(
+            f"the model holds LoRA layers named {strays[:4]}, which are not module paths from "
+            "it (a submodule returned by jlora.apply?): merge into that submodule, or build "
+            "the model from plain modules"
         )
     by_name = {t.name: t for t in targets}
     where = {p: (t, j) for t in targets for j, p in enumerate(t.peft_names)}
@@ -92,9 +101,16 @@ def merge_adapter(
                 f"PackedLoRALayerWeights, got {type(weights).__name__}"
             )
     if missing:
+        why = (
+            f"not among the {len(wrapped)} layers the model was wrapped with "
+            f"({[t.name for t in wrapped][:4]}): wrap it including these modules, or merge "
+            "into the plain model"
+            if wrapped
+            else _why_unserved(model, sorted(missing))
+        )
         raise AdapterMismatchError(
             f"adapter {adapter.name!r} targets modules the model lacks: {sorted(missing)[:8]}"
-            f" ({_why_unserved(model, sorted(missing))})"
+            f" ({why})"
         )
     merged = nnx.clone(model)
     modules = {".".join(str(p) for p in path): m for path, m in nnx.iter_modules(merged)}

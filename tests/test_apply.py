@@ -553,6 +553,23 @@ def test_grouped_packed_columns_are_served_and_merged_in_their_groups(rng):
         add_lora(y[0], x[0], state.banks[target.name], mapping, groups=3)
 
 
+def test_merge_into_a_wrapped_model_names_what_it_cannot_merge(rng):
+    model = NNXMLP(nnx.Rngs(0))
+    adapter = random_adapter(rng, find_targets(apply(model)), 1)
+    with pytest.raises(AdapterMismatchError, match=r"\['fc2'\] \(not among the 1 layers the"):
+        merge_adapter(apply(model, target_modules=["fc1"]), adapter)
+
+    class Outer(nnx.Module):
+        def __init__(self, rngs):
+            self.enc = apply(NNXMLP(rngs))  # a wrapped submodule: its names are its own
+            self.head = nnx.Linear(12, 4, rngs=rngs)
+
+    with pytest.raises(AdapterMismatchError, match=r"\['fc1', 'fc2'\], which are not module"):
+        merge_adapter(Outer(nnx.Rngs(0)), adapter)
+    with pytest.raises(TypeError, match="NNX only"):
+        merge_adapter(apply(LinenMLP(), sample_args=(jnp.zeros((1, 9)),)), adapter)
+
+
 def test_merge_folds_a_packed_adapter_like_serving_it(rng):
     """A PackedLoRALayerWeights keyed by the fused layer (as the manager serves it and
     restore_adapter returns it) merges each slice into its own columns."""
