@@ -40,12 +40,12 @@ import numpy as np
 
 from jlora.config import is_int
 from jlora.errors import CheckpointError, LoRAError
-from jlora.hostio import count_nonfinite, freeze, read_ranges_checked
+from jlora.hostio import FLOAT_DTYPE_NAMES, count_nonfinite, freeze, read_ranges_checked
 from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 
 FORMAT = "jlora.adapter"
 # One buffer file per dtype, named by it (the names are checked on restore: they become paths).
-_BUFFER_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+_BUFFER_DTYPES = FLOAT_DTYPE_NAMES
 FORMAT_VERSION = 2  # 1: buffers in tensorstore (orbax PyTree handler)
 ARRAYS_ITEM = "arrays"
 META_ITEM = "jlora_adapter"

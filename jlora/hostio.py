@@ -36,6 +36,8 @@ _FLOAT_BITS = {
     np.dtype(np.float32): (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
     np.dtype(np.float64): (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
 }
+# The weight dtypes jlora holds on the host: those whose NaN/Inf ``count_nonfinite`` can count.
+FLOAT_DTYPE_NAMES = frozenset(d.name for d in _FLOAT_BITS)
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:

@@ -75,15 +75,13 @@ from jlora.errors import (
     LoRAError,
     UnknownAdapterError,
 )
-from jlora.hostio import count_nonfinite, is_frozen
+from jlora.hostio import FLOAT_DTYPE_NAMES, count_nonfinite, is_frozen
 from jlora.mapping import LoRAMapping
 from jlora.request import LoRARequest
 from jlora.targets import TargetModule, split_whole_layer
 from jlora.weights import LoRABank, LoRALayerWeights, LoRAModel, PackedLoRALayerWeights, pad_to_rank
 
 BASE_ID = 0  # adapter id and slot of the base model ("no adapter")
-# Weight dtypes an adapter may hold (the banks' LORA_DTYPES, and float64 from a user's model).
-_WEIGHT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 LoadFn = Callable[[LoRARequest, LoRAConfig, np.dtype], LoRAModel]
 BatchEntry = LoRARequest | int | None
@@ -952,10 +950,10 @@ def _fit(layout: _Layout, model: LoRAModel, *, checked: bool) -> LoRAModel:
             for role in ("lora_a", "lora_b"):
                 x = getattr(layer, role)
                 # The NaN/Inf check knows these; float8 and the like are not LoRA weights.
-                if np.dtype(x.dtype).name not in _WEIGHT_DTYPES:
+                if np.dtype(x.dtype).name not in FLOAT_DTYPE_NAMES:
                     raise AdapterWeightsError(
                         f"{where}: {role} is {np.dtype(x.dtype).name}; LoRA weights are one of "
-                        f"{sorted(_WEIGHT_DTYPES)} (cast them, e.g. to float32, before adding "
+                        f"{sorted(FLOAT_DTYPE_NAMES)} (cast them, e.g. to float32, before adding "
                         "the adapter)"
                     )
                 if not checked and (bad := count_nonfinite(np.asarray(x))):
@@ -1043,10 +1041,16 @@ def _placements(layout: _Layout, model: LoRAModel, name: str, weights):
         )
     known = sorted(layout.index)
     hint = ", ".join(repr(k) for k in known[:4]) + (", ..." if len(known) > 4 else "")
+    tied = (
+        "; if the model ties its word embeddings it has no lm_head layer (its logits reuse "
+        "embed_tokens): serve this adapter on an untied model, or train it without lm_head"
+        if name.rsplit(".", 1)[-1] == "lm_head" and name not in layout.by_name
+        else ""
+    )
     raise AdapterMismatchError(
         f"adapter {model.name!r} (id {model.id}) targets module {name!r}, which the model has no "
         f"LoRA target for (it serves {len(known)} PEFT modules: {hint}); the adapter was trained "
-        "for another model, or the model was wrapped with fewer targets"
+        f"for another model, or the model was wrapped with fewer targets{tied}"
     )
 
 

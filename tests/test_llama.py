@@ -20,7 +20,7 @@ import jlora.models.llama as llama
 from jlora.apply import apply, find_targets
 from jlora.config import LoRAConfig
 from jlora.context import lora_context, padded_batch_mapping
-from jlora.errors import AdapterMismatchError, CheckpointError
+from jlora.errors import AdapterMismatchError, CheckpointError, LoRAConfigError
 from jlora.loader import load_adapter
 from jlora.models.llama import (
     KVCache,
@@ -302,6 +302,94 @@ def test_unsupported_config_raises():
     assert LlamaConfig.from_hf(hf, fuse_qkv=True, fused_groups=np.int64(2)).fused_groups == 2
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("vocab_size", 0, "vocab_size must be an int >= 1, got 0"),
+        ("hidden_size", "64", "hidden_size must be an int >= 1, got '64'"),
+        ("intermediate_size", 176.0, "intermediate_size must be an int >= 1"),
+        ("num_hidden_layers", True, "num_hidden_layers must be an int >= 1, got True"),
+        ("max_position_embeddings", 0, "max_position_embeddings must be an int >= 1"),
+        ("tie_word_embeddings", "false", "tie_word_embeddings must be a bool, got 'false'"),
+        ("mlp_bias", 0, "mlp_bias must be a bool"),
+        ("rms_norm_eps", -1e-6, "rms_norm_eps must be a finite number >= 0"),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number >= 0"),
+        ("dtype", "int8", "dtype 'int8' is not one of"),
+    ],
+)
+def test_config_fields_out_of_range_are_named(field, value, message):
+    hf = json.loads((BASE / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=f"Invalid LlamaConfig: .*{message}"):
+        LlamaConfig.from_hf(hf, **{field: value})
+
+
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"rope_theta": 0.0}, "rope_theta must be a finite number > 0, got 0.0"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a finite number > 0, got inf"),
+        ({"rope_type": "linear", "factor": 0}, "rope_factor must be a finite number > 0"),
+        ({"rope_type": "linear"}, r"rope_parameters of rope_type 'linear' lacks \['factor'\]"),
+        (
+            {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64},
+            r"rope_type 'llama3' lacks \['low_freq_factor', 'high_freq_factor'\]",
+        ),
+        (
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 4.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "rope_high_freq_factor=4.0 must exceed rope_low_freq_factor=4.0",
+        ),
+        (
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64.5,
+            },
+            "rope_original_max_position_embeddings must be an int >= 1, got 64.5",
+        ),
+        ({"rope_type": ["llama3"]}, r"rope_type \['llama3'\] is not a string"),
+    ],
+)
+def test_rope_parameters_out_of_range_are_named(rope, message):
+    hf = json.loads((BASE / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=message):
+        LlamaConfig.from_hf(hf | {"rope_parameters": {"rope_theta": 10000.0} | rope})
+
+
+def test_config_that_is_not_an_object_or_derives_no_head_dim_is_refused():
+    hf = json.loads((BASE / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="config.json holds a list, not a JSON object"):
+        LlamaConfig.from_hf([hf])
+    with pytest.raises(CheckpointError, match="rope_scaling is a str, not a JSON object"):
+        LlamaConfig.from_hf(
+            {k: v for k, v in hf.items() if k != "rope_parameters"} | {"rope_scaling": "llama3"}
+        )
+    no_head_dim = {k: v for k, v in hf.items() if k != "head_dim"} | {"hidden_size": 2}
+    with pytest.raises(
+        CheckpointError, match=r"head_dim = hidden_size // num_attention_heads = 2 // 4 is 0"
+    ):
+        LlamaConfig.from_hf(no_head_dim)
+    # the checked numbers are floats afterwards, whichever JSON number HF wrote
+    assert (
+        LlamaConfig.from_hf(hf | {"rope_parameters": {"rope_theta": 500000}}).rope_theta == 500000.0
+    )
+
+
+@pytest.mark.parametrize("dtype", ["int8", "not-a-dtype", np.float64])
+def test_load_dtype_other_than_a_model_dtype_is_refused(dtype):
+    with pytest.raises(
+        LoRAConfigError, match=r"from_pretrained: dtype .* is not one of \('float32'"
+    ):
+        from_pretrained(BASE, dtype=dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad checkpoints and adapters that do not fit
 # --------------------------------------------------------------------------------------------
@@ -380,6 +468,54 @@ def test_bad_head_counts_name_the_config_file(tmp_path, field, value):
     (path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match=rf"config\.json: .*{field} must be an int >= 1"):
         from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [
+        ([], "weight_map is a list, not an object"),
+        ({"model.norm.weight": "../model-00001-of-00002.safetensors"}, "to '../model-00001"),
+        ({"model.norm.weight": "/etc/hosts"}, "to '/etc/hosts', not a file name inside"),
+        ({"model.norm.weight": 3}, "maps 'model.norm.weight' to 3, not a file name"),
+    ],
+)
+def test_index_weight_map_must_name_files_inside_the_directory(tmp_path, weight_map, message):
+    path = copy_checkpoint(SHARDED, tmp_path)
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    if isinstance(weight_map, dict):
+        weight_map = index["weight_map"] | weight_map
+    index_file.write_text(json.dumps(index | {"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"index\.json: .*{message}"):
+        from_pretrained(path)
+
+
+def test_non_finite_weights_are_named_also_when_the_cast_overflows(tmp_path):
+    path = copy_checkpoint(BASE, tmp_path)
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def poison(t):
+        t[name] = t[name].copy()
+        t[name][3, 5] = np.nan
+
+    rewrite(path / "model.safetensors", poison)
+    with pytest.raises(CheckpointError, match=rf"tensor {name} holds 1 NaN/Inf values as float32"):
+        from_pretrained(path)
+    path = copy_checkpoint(BASE, tmp_path / "big")
+
+    def big(t):
+        t[name] = t[name].copy()
+        t[name][:2, :3] = 1e5  # finite in float32, Inf in float16
+
+    rewrite(path / "model.safetensors", big)
+    assert np.isfinite(
+        np.asarray(from_pretrained(path).model.layers[1].self_attn.o_proj.kernel)
+    ).all()
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{name} holds 6 NaN/Inf values as float16 .*load with another dtype",
+    ):
+        from_pretrained(path, dtype="float16")
 
 
 def no_read(*args, **kwargs):
@@ -495,9 +631,14 @@ def test_adapters_that_do_not_fit_the_llama_are_named(adapters):
         AdapterMismatchError, match=r"targets module '(lm_head|model\.embed_tokens)'"
     ):
         mgr.add_adapter(state, embed)
-    small = LlamaConfig.from_hf(
-        json.loads((BASE / "config.json").read_text()) | {"hidden_size": 32, "head_dim": 8}
+    hf = json.loads((BASE / "config.json").read_text())
+    tied = apply(
+        LlamaForCausalLM(LlamaConfig.from_hf(hf | {"tie_word_embeddings": True}), rngs=nnx.Rngs(0))
     )
+    state = mgr.init_state(LoRAConfig(max_loras=2, max_lora_rank=16), find_targets(tied))
+    with pytest.raises(AdapterMismatchError, match=r"'lm_head'.*ties its word embeddings.*lm_head"):
+        mgr.add_adapter(state, embed)
+    small = LlamaConfig.from_hf(hf | {"hidden_size": 32, "head_dim": 8})
     narrow = apply(LlamaForCausalLM(small, rngs=nnx.Rngs(0)))
     state = mgr.init_state(LoRAConfig(max_loras=2, max_lora_rank=16), find_targets(narrow))
     attn = adapters[ADAPTERS.index("attn_r8")]

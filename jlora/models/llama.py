@@ -45,6 +45,8 @@ from safetensors import SafetensorError, safe_open
 
 from jlora.config import is_int
 from jlora.errors import CheckpointError, LoRAConfigError
+from jlora.hostio import count_nonfinite
+from jlora.loader import FLOAT_DTYPES
 from jlora.targets import split_packed
 from jlora.weights import MODEL
 
@@ -53,8 +55,42 @@ WEIGHTS_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# safetensors dtypes a weight may have (cast to the model's dtype on load).
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# The parameter and compute dtypes a model may have.
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rope_original_max_position_embeddings",
+)
+_DERIVED_FIELDS = ("num_key_value_heads", "head_dim")  # None: derived from the others
+_FLAG_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "fuse_qkv", "fuse_gate_up")
+# field -> whether 0 is allowed
+_REAL_FIELDS = {
+    "rms_norm_eps": True,
+    "rope_theta": False,
+    "rope_factor": False,
+    "rope_low_freq_factor": False,
+    "rope_high_freq_factor": False,
+}
+
+
+# transformers 5.x, then 4.x
+_ROPE_KEYS = ("rope_parameters", "rope_scaling")
+# what HF's rope validation requires of each rope_type
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +102,9 @@ class LlamaConfig:
     devices (or a divisor of it), in ``fused_groups`` groups of every slice's next share
     (``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``, ``jlora.targets.split_packed``), so that each device
     holds whole groups and no column moves between devices. ``dtype`` is the
-    parameter and compute dtype. ``rope_type`` is ``"default"``, ``"linear"`` or ``"llama3"``.
+    parameter and compute dtype (one of ``MODEL_DTYPES``). ``rope_type`` is ``"default"``,
+    ``"linear"`` or ``"llama3"``. Every field is checked on construction (sizes are ints >= 1,
+    flags bools, rope numbers finite and > 0): a ``CheckpointError`` names each one out of range.
     """
 
     vocab_size: int
@@ -95,16 +133,32 @@ class LlamaConfig:
     def __post_init__(self):
         # Checked before anything divides by them (a 0 raised ZeroDivisionError); None is derived.
         problems = []
-        for f in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+        for f in _SIZE_FIELDS:
             v = getattr(self, f)
-            if (v is not None or f == "num_attention_heads") and not (is_int(v) and v >= 1):
+            if (v is not None or f not in _DERIVED_FIELDS) and not (is_int(v) and v >= 1):
                 problems.append(f"{f} must be an int >= 1, got {v!r}")
+        for f in _FLAG_FIELDS:
+            if not isinstance(getattr(self, f), bool | np.bool_):
+                problems.append(f"{f} must be a bool, got {getattr(self, f)!r}")
+        for f, zero_ok in _REAL_FIELDS.items():
+            v = getattr(self, f)
+            if _is_real(v) and math.isfinite(v) and (v > 0 or (zero_ok and v == 0)):
+                object.__setattr__(self, f, float(v))
+            else:
+                problems.append(
+                    f"{f} must be a finite number {'>=' if zero_ok else '>'} 0, got {v!r}"
+                )
         if problems:
             raise CheckpointError("Invalid LlamaConfig: " + "; ".join(problems))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+            if self.head_dim == 0:
+                raise CheckpointError(
+                    f"Invalid LlamaConfig: head_dim = hidden_size // num_attention_heads = "
+                    f"{self.hidden_size} // {self.num_attention_heads} is 0; give head_dim"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -128,10 +182,14 @@ class LlamaConfig:
                 ]
         if self.rope_type not in ("default", "linear", "llama3"):
             problems.append(f"rope_type {self.rope_type!r} is not supported")
-        try:
-            jnp.dtype(self.dtype)
-        except TypeError:
-            problems.append(f"dtype {self.dtype!r} is not a dtype")
+        elif self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            # HF's llama3 scaling divides by their difference
+            problems.append(
+                f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                f"rope_low_freq_factor={self.rope_low_freq_factor}"
+            )
+        if self.dtype not in MODEL_DTYPES:
+            problems.append(f"dtype {self.dtype!r} is not one of {MODEL_DTYPES}")
         if problems:
             raise CheckpointError("Invalid LlamaConfig: " + "; ".join(problems))
 
@@ -139,21 +197,32 @@ class LlamaConfig:
     def from_hf(cls, hf: Mapping[str, Any], **overrides) -> LlamaConfig:
         """From a HF ``config.json`` dict (transformers 4.x ``rope_theta``/``rope_scaling`` or
         5.x ``rope_parameters``); ``overrides`` set jlora's fields (``fuse_qkv``, ``dtype``)."""
+        if not isinstance(hf, Mapping):
+            raise CheckpointError(f"config.json holds a {type(hf).__name__}, not a JSON object")
         model_type = hf.get("model_type")
         if model_type != "llama":
             raise CheckpointError(f"model_type {model_type!r} is not 'llama'")
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_key = next((k for k in _ROPE_KEYS if hf.get(k)), None)
+        rope = {} if rope_key is None else hf[rope_key]
+        if not isinstance(rope, Mapping):
+            raise CheckpointError(f"{rope_key} is a {type(rope).__name__}, not a JSON object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if not isinstance(rope_type, str):
+            raise CheckpointError(f"{rope_key}'s rope_type {rope_type!r} is not a string")
+        lacks = [k for k in _ROPE_REQUIRED.get(rope_type, ()) if k not in rope]
+        if lacks:
+            # HF refuses these too; a default would silently change the positions' frequencies
+            raise CheckpointError(f"{rope_key} of rope_type {rope_type!r} lacks {lacks}")
         kwargs = dict(
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             rope_type=rope_type,
-            rope_factor=float(rope.get("factor", 1.0)),
-            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_position_embeddings=int(
-                rope.get("original_max_position_embeddings", 8192)
+            rope_factor=rope.get("factor", 1.0),
+            rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+            rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+            rope_original_max_position_embeddings=rope.get(
+                "original_max_position_embeddings", 8192
             ),
         )
         for f in (
@@ -180,7 +249,7 @@ class LlamaConfig:
         if missing or "num_attention_heads" not in kwargs:
             raise CheckpointError(f"config.json lacks {missing or ['num_attention_heads']}")
         dtype = hf.get("dtype") or hf.get("torch_dtype")
-        if dtype in ("float32", "bfloat16", "float16"):
+        if dtype in MODEL_DTYPES:
             kwargs["dtype"] = dtype
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -550,10 +619,12 @@ def from_pretrained(
 
     Raises:
       CheckpointError: naming the file or tensor: no config or weights, a pickle-only checkpoint,
-        a missing, unexpected or mis-shaped tensor, an index pointing at a missing shard or tensor.
-      LoRAConfigError: a mesh jlora cannot use, ``specs`` lacking a parameter, or a mesh axis
-        that does not divide the parameter dim it splits.
-      Everything is checked before any weight is read.
+        a config field out of range (``LlamaConfig``) or a rope type lacking a key HF requires,
+        a missing, unexpected or mis-shaped tensor, an index pointing at a missing shard or tensor
+        or outside ``path``, a tensor holding NaN/Inf in ``dtype`` (while it is read).
+      LoRAConfigError: ``dtype`` not one of ``MODEL_DTYPES``, a mesh jlora cannot use, ``specs``
+        lacking a parameter, or a mesh axis that does not divide the parameter dim it splits.
+      Everything but the values is checked before any weight is read.
     """
     if specs is not None and mesh is None:
         raise TypeError("from_pretrained: specs needs a mesh")
@@ -572,7 +643,16 @@ def from_pretrained(
         fused_groups=1 if fused_groups is None else fused_groups,
     )
     if dtype is not None:
-        overrides["dtype"] = jnp.dtype(dtype).name
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = None
+        if name not in MODEL_DTYPES:
+            raise LoRAConfigError(
+                f"from_pretrained: dtype {dtype!r} is not one of {MODEL_DTYPES}; pass one of them "
+                "(or None for the checkpoint's own)"
+            )
+        overrides["dtype"] = name
     try:
         config = LlamaConfig.from_hf(hf, **overrides)
     except CheckpointError as e:
@@ -611,7 +691,17 @@ def from_pretrained(
             shape = tuple(var.shape)
 
             def read(index, source=source, shape=shape):
-                return checkpoint.read(source, _bounds(index, shape)).astype(param_dtype)
+                block = checkpoint.read(source, _bounds(index, shape))
+                with np.errstate(over="ignore"):  # an overflow is counted and named below
+                    block = block.astype(param_dtype)
+                if bad := count_nonfinite(block):
+                    files = sorted({checkpoint.files[n] for n in source.names})
+                    raise CheckpointError(
+                        f"{os.path.join(path, files[0])}: tensor {'/'.join(source.names)} holds "
+                        f"{bad} NaN/Inf values as {param_dtype.name} (corrupt, or too large for "
+                        f"{param_dtype.name}: load with another dtype)"
+                    )
+                return block
 
             if shardings is None:
                 value = jnp.asarray(read((slice(None),) * len(shape)))
@@ -726,10 +816,10 @@ class _Checkpoint:
                     f"{full}: tensor {name!r} has shape {list(info.get_shape())}, config.json "
                     f"implies {list(shape)}"
                 )
-            if info.get_dtype() not in FLOAT_DTYPES:
+            if info.get_dtype() not in FLOAT_DTYPES:  # each is cast to the model's dtype
                 raise CheckpointError(
                     f"{full}: tensor {name!r} has dtype {info.get_dtype()}; "
-                    f"expected one of {FLOAT_DTYPES}"
+                    f"expected one of {sorted(FLOAT_DTYPES)}"
                 )
 
     def read(self, source: _Source, bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -793,6 +883,16 @@ def _tensor_files(path: str) -> dict[str, str]:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: unreadable or without a weight_map ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(
+                f"{index}: weight_map is a {type(weight_map).__name__}, not an object"
+            )
+        for name, file in weight_map.items():
+            # a shard is a file of this directory: never an absolute path or one that leaves it
+            if not isinstance(file, str) or not _inside(file):
+                raise CheckpointError(
+                    f"{index}: weight_map maps {name!r} to {file!r}, not a file name inside {path}"
+                )
         for file in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(path, file)):
                 names = sorted(n for n, f in weight_map.items() if f == file)
@@ -810,6 +910,12 @@ def _tensor_files(path: str) -> dict[str, str]:
             "Re-save it with `model.save_pretrained(out, safe_serialization=True)`"
         )
     raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+
+
+def _inside(file: str) -> bool:
+    """``file`` is a relative path that stays inside its directory."""
+    parts = file.replace("\\", "/").split("/")
+    return bool(file) and not os.path.isabs(file) and ".." not in parts and "" not in parts
 
 
 def _keys(path: str, file: str) -> list[str]:
