@@ -77,6 +77,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora.apply import find_targets
+from jlora.config import is_int
 from jlora.errors import AdapterMismatchError, LoRAConfigError
 from jlora.mapping import LoRAMapping
 from jlora.models.llama import KVCache, LlamaConfig
@@ -128,6 +129,9 @@ def make_mesh(data: int = 1, model: int | None = None, *, devices=None) -> Mesh:
     >>> dict(make_mesh(1, 1, devices=jax.devices()[:1]).shape)
     {'data': 1, 'model': 1}
     """
+    for name, v in (("data", data), ("model", model)):
+        if not (is_int(v) or (name == "model" and v is None)):
+            raise TypeError(f"make_mesh: {name} must be an int, got {v!r}")
     devices = list(jax.devices() if devices is None else devices)
     if model is None:
         model = len(devices) // max(data, 1)
@@ -448,6 +452,14 @@ def shard_batch(mesh: Mesh, mapping: LoRAMapping, *arrays) -> tuple:
     deterministic), so this also places a batch on a multi-host mesh."""
     check_mesh(mesh)
     for i, x in enumerate(arrays):
+        if not isinstance(x, np.ndarray | jax.Array):
+            raise TypeError(
+                f"shard_batch: batch array {i} is a {type(x).__name__}; pass a NumPy or JAX array"
+            )
+        if x.ndim == 0:
+            raise LoRAConfigError(
+                f"shard_batch: batch array {i} is 0-d; each array has a leading batch dim"
+            )
         _check_divisible(f"batch array {i}", x.shape, P(DATA), mesh)
     mapping = jax.tree.map(place, mapping, mapping_shardings(mapping, mesh))
     return (mapping, *(place(x, batch_sharding(mesh, np.ndim(x))) for x in arrays))

@@ -580,6 +580,14 @@ def test_layouts_a_mesh_cannot_hold_raise_before_placing_anything():
         sh.shard_model(LlamaForCausalLM(small, rngs=nnx.Rngs(0)), mesh)
     with pytest.raises(LoRAConfigError, match=r"\(data=2, model=4\) mesh needs 8 devices, 1"):
         sh.make_mesh(2, 4, devices=jax.devices()[:1])
+    for data, model in [(1.0, 1), (True, None), (1, True), ("1", 1)]:
+        with pytest.raises(TypeError, match=r"make_mesh: (data|model) must be an int"):
+            sh.make_mesh(data, model, devices=jax.devices()[:1])
+    mapping = LoRAMapping.build([1], [2], num_slots=2)
+    with pytest.raises(TypeError, match="shard_batch: batch array 1 is a list; pass a NumPy"):
+        sh.shard_batch(mesh, mapping, np.zeros((1, 2), np.int32), [[0, 1]])
+    with pytest.raises(LoRAConfigError, match="shard_batch: batch array 0 is 0-d"):
+        sh.shard_batch(mesh, mapping, np.array(3, np.int32))
     with pytest.raises(LoRAConfigError, match=r"style 'diagonal'"):
         sh.bank_specs(even, {"l.up_proj": "diagonal"})
 
