@@ -305,9 +305,11 @@ class Engine:
         # Every new adapter is loaded now, in one operation: a bad one fails before serving and
         # registers none of them.
         # (An id cached from a bare LoRAModel is compared with its request's files here too.)
+        # Loaded in reverse order of first use: with more of them than max_cpu_loras, the host
+        # cache keeps those the FIFO admission serves first, and only the rest are read again.
         unseen = [r for r in requests if r.adapter_id not in self.state.requests]
         if unseen:
-            self.state = manager.add_adapters(self.state, unseen)
+            self.state = manager.add_adapters(self.state, unseen[::-1])
 
         start = time.perf_counter()
         stats = dict(

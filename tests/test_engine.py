@@ -421,3 +421,25 @@ def test_a_request_for_an_adapter_given_as_a_model_is_checked_before_serving(bas
             [[1, 2, 3]] * 3, [None, None, request], on_token=lambda i, t: served.append(i)
         )
     assert served == []
+
+
+def test_more_new_adapters_than_the_host_cache_are_read_once_each_but_the_overflow(
+    base_model, requests, monkeypatch
+):
+    # Every new adapter is validated by loading it before serving; those served first are
+    # loaded last, so only the ones the full cache cannot hold are read again.
+    reads = []
+    real = manager.load_from_disk
+
+    def counting(request, *args):
+        reads.append(request.adapter_id)
+        return real(request, *args)
+
+    monkeypatch.setattr(manager, "load_from_disk", counting)
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16, max_cpu_loras=2)
+    engine = Engine(base_model, config, max_batch=1, max_seq_len=32)
+    four = [requests[n] for n in ADAPTERS[:4]]
+    outs = engine.generate(prompts_for(4, seed=3), four, SamplingParams(max_tokens=2))
+    assert [o.finish_reason for o in outs] == ["length"] * 4
+    ids = [r.adapter_id for r in four]
+    assert sorted(reads[:4]) == sorted(ids) and len(reads) == 4 + 2, reads
