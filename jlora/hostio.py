@@ -301,7 +301,8 @@ def count_nonfinite(x: np.ndarray) -> int:
     if bits is None or x.size == 0:
         return 0
     view, mask, exponent = bits
-    flat = x.reshape(-1).view(view)  # a copy only for non-contiguous x
+    # memory order: a view of a C- or Fortran-contiguous x (a transposed weight), else a copy
+    flat = x.ravel(order="K").view(view)
     scratch = np.empty(min(flat.size, _CHECK_CHUNK), view)
     bad = 0
     for start in range(0, flat.size, _CHECK_CHUNK):
