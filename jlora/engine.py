@@ -307,9 +307,10 @@ class Engine:
         # (An id cached from a bare LoRAModel is compared with its request's files here too.)
         # Loaded in reverse order of first use: with more of them than max_cpu_loras, the host
         # cache keeps those the FIFO admission serves first, and only the rest are read again.
-        unseen = [r for r in requests if r.adapter_id not in self.state.requests]
+        first_use = list({r.adapter_id: r for r in requests}.items())  # a repeat loads once
+        unseen = [r for a, r in reversed(first_use) if a not in self.state.requests]
         if unseen:
-            self.state = manager.add_adapters(self.state, unseen[::-1])
+            self.state = manager.add_adapters(self.state, unseen)
 
         start = time.perf_counter()
         stats = dict(

@@ -441,5 +441,11 @@ def test_more_new_adapters_than_the_host_cache_are_read_once_each_but_the_overfl
     four = [requests[n] for n in ADAPTERS[:4]]
     outs = engine.generate(prompts_for(4, seed=3), four, SamplingParams(max_tokens=2))
     assert [o.finish_reason for o in outs] == ["length"] * 4
-    ids = [r.adapter_id for r in four]
-    assert sorted(reads[:4]) == sorted(ids) and len(reads) == 4 + 2, reads
+    assert sorted(reads[:4]) == sorted(r.adapter_id for r in four) and len(reads) == 4 + 2, reads
+    # A repeated adapter is one upfront load: [a, b, c, a] reads the three once, then c and a
+    # again (a reversed list with the repeat read a twice upfront: 6).
+    reads.clear()
+    engine = Engine(base_model, config, max_batch=1, max_seq_len=32)
+    repeat = [four[0], four[1], four[2], four[0]]
+    engine.generate(prompts_for(4, seed=4), repeat, SamplingParams(max_tokens=2))
+    assert sorted(reads[:3]) == sorted(r.adapter_id for r in four[:3]) and len(reads) == 5, reads
