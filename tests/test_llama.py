@@ -376,10 +376,10 @@ def test_config_that_is_not_an_object_or_derives_no_head_dim_is_refused():
         CheckpointError, match=r"head_dim = hidden_size // num_attention_heads = 2 // 4 is 0"
     ):
         LlamaConfig.from_hf(no_head_dim)
-    # the checked numbers are floats afterwards, whichever JSON number HF wrote
-    assert (
-        LlamaConfig.from_hf(hf | {"rope_parameters": {"rope_theta": 500000}}).rope_theta == 500000.0
-    )
+    # the checked numbers are floats afterwards, whichever JSON number HF wrote; a dtype object
+    # is stored by name
+    c = LlamaConfig.from_hf(hf | {"rope_parameters": {"rope_theta": 500000}}, dtype=jnp.bfloat16)
+    assert type(c.rope_theta) is float and c.rope_theta == 500000.0 and c.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("dtype", ["int8", "not-a-dtype", np.float64])

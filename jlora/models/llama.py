@@ -69,7 +69,8 @@ _SIZE_FIELDS = (
     "rope_original_max_position_embeddings",
 )
 _DERIVED_FIELDS = ("num_key_value_heads", "head_dim")  # None: derived from the others
-_FLAG_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "fuse_qkv", "fuse_gate_up")
+_HF_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_FLAG_FIELDS = (*_HF_FLAGS, "fuse_qkv", "fuse_gate_up")  # fuse_*: jlora's own
 # field -> whether 0 is allowed
 _REAL_FIELDS = {
     "rms_norm_eps": True,
@@ -188,7 +189,13 @@ class LlamaConfig:
                 f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
                 f"rope_low_freq_factor={self.rope_low_freq_factor}"
             )
-        if self.dtype not in MODEL_DTYPES:
+        try:
+            name = jnp.dtype(self.dtype).name  # jnp.bfloat16 and np.dtype("float16") too
+        except TypeError:
+            name = None
+        if name in MODEL_DTYPES:
+            object.__setattr__(self, "dtype", name)
+        else:
             problems.append(f"dtype {self.dtype!r} is not one of {MODEL_DTYPES}")
         if problems:
             raise CheckpointError("Invalid LlamaConfig: " + "; ".join(problems))
@@ -225,19 +232,11 @@ class LlamaConfig:
                 "original_max_position_embeddings", 8192
             ),
         )
+        # HF's top-level fields (the rope ones come from the rope dict above)
         for f in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
+            *(f for f in _SIZE_FIELDS if not f.startswith("rope_")),
             "rms_norm_eps",
-            "max_position_embeddings",
-            "tie_word_embeddings",
-            "attention_bias",
-            "mlp_bias",
+            *_HF_FLAGS,
         ):
             if hf.get(f) is not None:
                 kwargs[f] = hf[f]
