@@ -90,6 +90,15 @@ _ROPE_REQUIRED = {
 }
 
 
+def _model_dtype_name(dtype) -> str | None:
+    """``dtype``'s name (given as a name or a dtype object) if it is in ``MODEL_DTYPES``."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        return None
+    return name if name in MODEL_DTYPES else None
+
+
 def _is_real(v) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
@@ -189,11 +198,8 @@ class LlamaConfig:
                 f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
                 f"rope_low_freq_factor={self.rope_low_freq_factor}"
             )
-        try:
-            name = jnp.dtype(self.dtype).name  # jnp.bfloat16 and np.dtype("float16") too
-        except TypeError:
-            name = None
-        if name in MODEL_DTYPES:
+        name = _model_dtype_name(self.dtype)  # jnp.bfloat16 and np.dtype("float16") too
+        if name is not None:
             object.__setattr__(self, "dtype", name)
         else:
             problems.append(f"dtype {self.dtype!r} is not one of {MODEL_DTYPES}")
@@ -642,11 +648,8 @@ def from_pretrained(
         fused_groups=1 if fused_groups is None else fused_groups,
     )
     if dtype is not None:
-        try:
-            name = jnp.dtype(dtype).name
-        except TypeError:
-            name = None
-        if name not in MODEL_DTYPES:
+        name = _model_dtype_name(dtype)
+        if name is None:
             raise LoRAConfigError(
                 f"from_pretrained: dtype {dtype!r} is not one of {MODEL_DTYPES}; pass one of them "
                 "(or None for the checkpoint's own)"
