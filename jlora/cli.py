@@ -207,7 +207,7 @@ def cmd_bench(args) -> int:
 
     # Checked before the run, which takes minutes: fail now rather than after it.
     needed = [m for m in ("torch", "transformers", "peft") if args.compare_peft]
-    needed += ["matplotlib"] if args.plot else []
+    needed += ["matplotlib"] if args.plot is not None else []
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         print(
@@ -215,13 +215,13 @@ def cmd_bench(args) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.plot and args.no_skewed:
+    if args.plot is not None and args.no_skewed:
         print("error: --plot draws the skewed workload; drop --no-skewed", file=sys.stderr)
         return 2
-    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+    if args.plot is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         print(f"error: --plot {args.plot}: no such directory", file=sys.stderr)
         return 2
-    if args.plot and (why := _unplottable(args.plot)):  # before the run, not after it
+    if args.plot is not None and (why := _unplottable(args.plot)):  # before the run, not after it
         print(f"error: --plot {args.plot}: {why}", file=sys.stderr)
         return 2
     cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
@@ -248,7 +248,7 @@ def cmd_bench(args) -> int:
         print(json.dumps(results))
     else:
         print_bench(results)
-    if args.plot:
+    if args.plot is not None:
         try:
             plot_bench(results, args.plot)
         except (OSError, RuntimeError, ValueError) as e:  # what _unplottable cannot foresee
@@ -290,6 +290,8 @@ def _unplottable(path: str) -> str:
     """Why matplotlib would not write ``path`` as asked ("" when it would)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if not path:
+        return "is empty; name the image file"
     if os.path.isdir(path):
         return "is a directory; name the image file"
     ext = os.path.splitext(path)[1].lstrip(".").lower()

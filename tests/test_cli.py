@@ -145,6 +145,9 @@ def test_bench_refuses_what_would_fail_after_the_run(monkeypatch, capsys, tmp_pa
         assert cli.main(["bench", "--plot", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --plot") and why in err, err
+    # An empty name once skipped the plot silently (a truthiness check).
+    assert cli.main(["bench", "--plot", ""]) == 2
+    assert "is empty" in capsys.readouterr().err
 
 
 def test_demo_refuses_more_tokens_than_the_model_has_positions(capsys, monkeypatch):
