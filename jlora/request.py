@@ -34,14 +34,20 @@ class LoRARequest:
                 f"lora_int_id must be an int >= 1 (0 is reserved for the base model), "
                 f"got {self.lora_int_id!r}"
             )
-        if not isinstance(self.lora_path, str | os.PathLike) or not os.fspath(self.lora_path):
+        # os.fspath may give bytes (a PathLike over bytes); the loaders and messages want str.
+        path = os.fspath(self.lora_path) if isinstance(self.lora_path, str | os.PathLike) else None
+        if not isinstance(path, str) or not path:
             problems.append(
                 f"lora_path must be a non-empty path to a PEFT adapter directory, "
                 f"got {self.lora_path!r}"
             )
+        if self.base_model_name is not None and not isinstance(self.base_model_name, str):
+            problems.append(
+                f"base_model_name must be a string or None, got {self.base_model_name!r}"
+            )
         if problems:
             raise LoRAConfigError(f"Invalid LoRARequest {self.lora_name!r}: " + "; ".join(problems))
-        object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
+        object.__setattr__(self, "lora_path", path)
         # A Python int, whatever int was given (a NumPy one hashes and prints differently).
         object.__setattr__(self, "lora_int_id", int(self.lora_int_id))
 

@@ -415,6 +415,13 @@ def test_failed_load_leaves_files_untouched(adapter):
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
 
 
+class _BytesPath:
+    """A PathLike over bytes: os.fspath gives b"/x", which the loaders cannot name."""
+
+    def __fspath__(self):
+        return b"/x"
+
+
 @pytest.mark.parametrize(
     "kwargs,fragment",
     [
@@ -423,6 +430,12 @@ def test_failed_load_leaves_files_untouched(adapter):
         (dict(lora_name="a", lora_int_id=True, lora_path="/x"), "lora_int_id"),
         (dict(lora_name="a", lora_int_id=1, lora_path=""), "lora_path must be a non-empty"),
         (dict(lora_name="", lora_int_id=1, lora_path="/x"), "lora_name must be"),
+        (dict(lora_name="a", lora_int_id=1, lora_path=b"/x"), "lora_path must be"),
+        (dict(lora_name="a", lora_int_id=1, lora_path=_BytesPath()), "lora_path must be"),
+        (
+            dict(lora_name="a", lora_int_id=1, lora_path="/x", base_model_name=3),
+            "base_model_name must be a string or None",
+        ),
     ],
 )
 def test_bad_lora_request(kwargs, fragment):
