@@ -101,6 +101,8 @@ def lora_context(
     """
     if impl not in ops.IMPLS:
         raise LoRAConfigError(f"lora_context: impl={impl!r} is not one of {ops.IMPLS}")
+    if not isinstance(strict, bool):
+        raise LoRAConfigError(f"lora_context: strict must be a bool, got {strict!r}")
     if not isinstance(mapping, LoRAMapping):
         raise MappingError(f"lora_context needs a LoRAMapping, got {type(mapping).__name__}")
     check_arrays("lora_context", mapping)
@@ -110,7 +112,8 @@ def lora_context(
         )
     normalized = {}
     for name, value in banks.items():
-        slices = (value,) if isinstance(value, LoRABank) else tuple(value)
+        slices = (value,) if isinstance(value, LoRABank) else value
+        slices = tuple(slices) if isinstance(slices, tuple | list) else ()
         if not slices or not all(isinstance(b, LoRABank) for b in slices):
             raise AdapterMismatchError(
                 f"banks[{name!r}] must be a LoRABank or a tuple of LoRABanks (one per slice)"
@@ -176,7 +179,8 @@ def padded_batch_mapping(
     b = len(slots) if num_seqs is None else int(num_seqs)
     if b < len(slots):
         raise MappingError(f"{len(slots)} sequences do not fit num_seqs={b}")
-    padded = np.zeros(b, np.int64)
+    # In the slots' own dtype: LoRAMapping.build checks the values before any cast can wrap them.
+    padded = np.zeros(b, slots.dtype if slots.size else np.int64)
     padded[: len(slots)] = slots
     return LoRAMapping.build(
         padded,

@@ -129,6 +129,8 @@ class LoRAMapping:
                 f"seq_slots has {slots.size} entries but seq_lengths has {lengths.size}: "
                 "give one slot and one length per sequence"
             )
+        if not isinstance(is_prefill, bool | np.bool_):  # "no" would be truthy
+            raise MappingError(f"is_prefill must be a bool, got {is_prefill!r}")
         if not is_int(num_slots) or num_slots < 1:
             raise MappingError(f"num_slots must be an int >= 1 (max_loras + 1), got {num_slots!r}")
         bad = np.flatnonzero((slots < 0) | (slots >= num_slots))
@@ -221,3 +223,6 @@ def check_arrays(where: str, mapping: LoRAMapping) -> None:
 def _check_int_vector(name: str, v: np.ndarray) -> None:
     if v.ndim != 1 or not (v.size == 0 or np.issubdtype(v.dtype, np.integer)):
         raise MappingError(f"{name} must be a 1-D sequence of ints, got {v!r}")
+    # Checked before the int64 cast, which would wrap a uint64 past 2**63 to a negative index.
+    if v.size and v.dtype == np.uint64 and v.max() > np.iinfo(np.int64).max:
+        raise MappingError(f"{name} has {int(v.max())}, which no slot index or length can be")

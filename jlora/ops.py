@@ -58,6 +58,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -90,7 +91,8 @@ class OpsConfig:
       gathered: block sizes and launch parameters of the decode kernels.
       xla_block_t: tokens per block on the XLA path (rows per loop iteration for `"token"`);
         None picks by T (see `_xla_plan`).
-      xla_strategy: `"token"`, `"sorted"` or `"scatter"` on the XLA path; None picks by T.
+      xla_strategy: `"token"`, `"sorted"`, `"scatter"` or `"slots"` on the XLA path; None picks
+        by T and the batch's mix of adapters.
       interpret: run the Pallas kernels in interpret mode (CPU debugging and tests).
     """
 
@@ -187,7 +189,9 @@ def add_lora(
         in the order the slices are concatenated along `out`.
       mapping: the step's `LoRAMapping`; `T` is its token count, or its sequence count (rows of
         last tokens, e.g. an LM head), for which the slot order is derived on device.
-      impl: `"auto"` (Pallas on GPU, XLA elsewhere), `"pallas"` or `"xla"`.
+      impl: `"auto"` (Pallas on GPU, XLA elsewhere), `"pallas"` or `"xla"`. `"pallas"` where the
+        kernels cannot run (no GPU and no `interpret`, another dtype) takes the XLA path and logs
+        a warning once per reason.
       config: tunables; `OpsConfig()` when None.
       groups: the packed columns' layout, `jlora.targets.TargetModule.groups`: the slices one
         after the other (1), or in `groups` groups of every slice's next `1 / groups`. When the
@@ -206,7 +210,11 @@ def add_lora(
     """
     if impl not in IMPLS:
         raise LoRAConfigError(f"add_lora: impl={impl!r} is not one of {IMPLS}")
-    config = OpsConfig() if config is None else config
+    config = _check_config("add_lora", config)
+    # Checked before the eager call jits: jit would reject a list as an unhashable static arg.
+    if not is_int(groups) or groups < 1:
+        raise LoRAConfigError(f"add_lora: groups={groups!r} must be an int >= 1")
+    groups = int(groups)
     banks = _as_banks(banks)
     _check_num_slots("add_lora", mapping, banks[0])
     if _is_eager(y, x, banks, mapping):
@@ -218,9 +226,9 @@ def add_lora(
     y, x, banks = jnp.asarray(y), jnp.asarray(x), jax.tree.map(jnp.asarray, banks)
     _check_linear_args(y, x, banks)
     widths = [bank.output_dim for bank in banks]
-    if not (is_int(groups) and groups >= 1) or any(w % groups for w in widths):
+    if any(w % groups for w in widths):
         raise LoRAConfigError(
-            f"add_lora: groups={groups!r} must be an int >= 1 dividing every slice width {widths}"
+            f"add_lora: groups={groups} must be a divisor of every slice width {widths}"
         )
     token_slots, sorted_ids, counts, starts = _segments_for_rows(mapping, y.shape[0])
     if y.shape[0] == 0:
@@ -280,16 +288,19 @@ def add_lora_embedding(
 
     Args:
       y: `[T, hidden]`, the base embedding's output.
-      token_ids: int `[T]` (validated against the vocabulary on the host).
+      token_ids: int `[T]`, each in `[0, vocab)`. An eager call checks them on the host
+        (`MappingError`); under `jit` they cannot be checked, and one out of range is clamped,
+        as `jnp` indexing does.
       bank: `a [slots, vocab, R]`, `b [slots, R, hidden]`, `scale [slots]`.
       mapping: the step's `LoRAMapping`.
       config: tunables of the XLA path; `OpsConfig()` when None.
     """
-    config = OpsConfig() if config is None else config
+    config = _check_config("add_lora_embedding", config)
     if not isinstance(bank, LoRABank):
         raise AdapterMismatchError(f"add_lora_embedding takes one LoRABank, got {type(bank)}")
     _check_num_slots("add_lora_embedding", mapping, bank)
     if _is_eager(y, token_ids, bank, mapping):
+        _check_token_ids(np.asarray(token_ids), vocab=bank.a.shape[1])
         return _add_lora_embedding_jit(y, token_ids, bank, mapping, config=config)
     y, token_ids, bank = jnp.asarray(y), jnp.asarray(token_ids), jax.tree.map(jnp.asarray, bank)
     if y.ndim != 2 or token_ids.shape != (y.shape[0],):
@@ -341,9 +352,32 @@ def _check_num_slots(where: str, mapping: LoRAMapping, bank: LoRABank) -> None:
         )
 
 
+def _check_config(where: str, config) -> OpsConfig:
+    if config is None:
+        return OpsConfig()
+    if not isinstance(config, OpsConfig):
+        raise LoRAConfigError(f"{where}: config must be an OpsConfig or None, got {config!r}")
+    return config
+
+
+def _check_token_ids(ids: np.ndarray, vocab: int) -> None:
+    if not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise MappingError(f"add_lora_embedding: token_ids must be ints, got {ids.dtype}")
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:
+        raise MappingError(
+            f"add_lora_embedding: token {int(bad[0])} has id {ids.flat[bad[0]]}, outside the "
+            f"bank's vocabulary [0, {vocab}) ({bad.size} bad in all)"
+        )
+
+
 def _as_banks(banks) -> tuple[LoRABank, ...]:
     if isinstance(banks, LoRABank):
         return (banks,)
+    if not isinstance(banks, tuple | list):
+        raise AdapterMismatchError(
+            f"banks must be a LoRABank or a non-empty sequence of them, got {type(banks).__name__}"
+        )
     banks = tuple(banks)
     if not banks or not all(isinstance(b, LoRABank) for b in banks):
         raise AdapterMismatchError(
