@@ -1,12 +1,13 @@
 """Synthetic models and adapters for demos, benchmarks and tests: a random-weight Llama and PEFT
 adapters written in PEFT's own file layout (adapter_config.json + adapter_model.safetensors with
 PyTorch-layout tensors), so they go through the same loader as adapters trained with PEFT.
-Imports jlora.models only.
+Imports jlora.models and jlora.errors only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from jlora.errors import LoRAConfigError
 from jlora.models.llama import LlamaConfig, LlamaForCausalLM
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -28,6 +30,17 @@ def llama_module_shapes(
     config: LlamaConfig, projections: Sequence[str] = LLAMA_PROJECTIONS
 ) -> dict[str, tuple[int, int]]:
     """PEFT module name -> (in, out) for the given projections of every layer."""
+    # A bare "q_proj" would be read letter by letter.
+    unknown = (
+        [projections]
+        if isinstance(projections, str)
+        else [p for p in projections if p not in LLAMA_PROJECTIONS]
+    )
+    if unknown:
+        raise LoRAConfigError(
+            f"llama_module_shapes: {unknown} are not Llama projections; give a sequence of "
+            f"{LLAMA_PROJECTIONS}"
+        )
     c = config
     dims = {
         "q_proj": (c.hidden_size, c.q_dim),
@@ -58,9 +71,13 @@ def write_peft_adapter(
 ) -> str:
     """Writes a PEFT LoRA adapter with random weights; returns the directory.
 
-    ``A`` rows are unit-variance over ``in`` and ``B`` is sized so that ``scaling * x @ A @ B`` has
-    about ``delta_scale`` times the norm of ``x`` (a visible but not dominant change).
+    ``A`` has entries of variance ``1/in`` and ``B`` is sized so that ``scaling * x @ A @ B`` has
+    a norm of about ``delta_scale * sqrt(out / in) * |x|``: ``delta_scale`` times that of a
+    base layer with Flax's default (LeCun) init, a visible but not dominant change.
+
+    Raises ``LoRAConfigError`` for a bad argument, before anything is written.
     """
+    _check_adapter_args(module_shapes, r=r, alpha=alpha, dtype=dtype, delta_scale=delta_scale)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -87,3 +104,37 @@ def write_peft_adapter(
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return directory
+
+
+def _check_adapter_args(module_shapes, *, r, alpha, dtype, delta_scale) -> None:
+    problems = []
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        problems.append(f"r={r!r} must be an int >= 1")
+    # alpha = 0 would make B infinite (it is sized by 1 / scaling).
+    if not _is_real(alpha) or not (math.isfinite(alpha) and alpha > 0):
+        problems.append(f"alpha={alpha!r} must be a finite number > 0")
+    if not _is_real(delta_scale) or not (math.isfinite(delta_scale) and delta_scale >= 0):
+        problems.append(f"delta_scale={delta_scale!r} must be a finite number >= 0")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        problems.append(f"dtype={dtype!r} must be 'float32', 'float16' or 'bfloat16'")
+    if not isinstance(module_shapes, Mapping) or not module_shapes:
+        problems.append("module_shapes must be a non-empty dict of module name -> (in, out)")
+    else:
+        bad = [
+            name
+            for name, shape in module_shapes.items()
+            if not (
+                isinstance(name, str)
+                and isinstance(shape, tuple | list)
+                and len(shape) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+            )
+        ]
+        if bad:
+            problems.append(f"module_shapes{bad[:3]} must be (in, out) pairs of ints >= 1")
+    if problems:
+        raise LoRAConfigError("write_peft_adapter: " + "; ".join(problems))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)

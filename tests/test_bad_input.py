@@ -457,6 +457,14 @@ def _one_bank(slots=3, in_dim=8, out=4, rank=2):
     return jlora.LoRABank.zeros(num_slots=slots, in_dim=in_dim, out_dim=out, max_rank=rank)
 
 
+def _emb(slots=3, vocab=6, hidden=4, rank=2):  # a [slots, vocab, R] embedding bank
+    return jlora.LoRABank.zeros(num_slots=slots, in_dim=vocab, out_dim=hidden, max_rank=rank)
+
+
+def _add(mapping, **kwargs):
+    return ops.add_lora(np.ones((3, 4)), np.ones((3, 8)), _one_bank(), mapping, **kwargs)
+
+
 @pytest.mark.parametrize(
     "call,error,fragment",
     [
@@ -478,6 +486,41 @@ def _one_bank(slots=3, in_dim=8, out=4, rank=2):
             "5 rows",
         ),
         (lambda m: jlora.lora_context({}, m, impl="cuda").__enter__(), LoRAConfigError, "impl"),
+        # Checked before an eager call jits (which gave JAX's unhashable-static error).
+        (lambda m: _add(m, groups=[1]), LoRAConfigError, "groups=\\[1\\] must be an int"),
+        (lambda m: _add(m, config={}), LoRAConfigError, "config must be an OpsConfig"),
+        (lambda m: _add(m, config="xla"), LoRAConfigError, "config must be an OpsConfig"),
+        (
+            lambda m: ops.add_lora(np.ones((3, 4)), np.ones((3, 8)), None, m),
+            AdapterMismatchError,
+            "banks must be a LoRABank",
+        ),
+        (
+            lambda m: ops.add_lora_embedding(np.ones((3, 4)), np.array([0, 7, 2]), _emb(), m),
+            MappingError,
+            "token 1 has id 7, outside the bank's vocabulary \\[0, 6\\)",
+        ),
+        (
+            lambda m: ops.add_lora_embedding(np.ones((3, 4)), np.array([0, -1, 2]), _emb(), m),
+            MappingError,
+            "id -1",
+        ),
+        (
+            lambda m: jlora.lora_context({"x": 5}, m).__enter__(),
+            AdapterMismatchError,
+            "banks\\['x'\\] must be a LoRABank",
+        ),
+        (lambda m: jlora.lora_context({}, m, strict="no").__enter__(), LoRAConfigError, "strict"),
+        (
+            lambda m: jlora.LoRAMapping.build([1, 0], [2, 1], num_slots=3, is_prefill="no"),
+            MappingError,
+            "is_prefill must be a bool",
+        ),
+        (
+            lambda m: jlora.padded_batch_mapping(np.array([2**63], np.uint64), 2, num_slots=3),
+            MappingError,
+            "seq_slots has 9223372036854775808",
+        ),
     ],
 )
 def test_ops_and_context_arguments(call, error, fragment):
@@ -628,3 +671,64 @@ def test_a_file_rewritten_during_the_load_is_refused(adapter, monkeypatch, rewri
     expect(AdapterWeightsError, adapter, "adapter_model.safetensors", "changed while")
     monkeypatch.undo()
     assert jlora.load_adapter(adapter).rank == 8  # the finished save loads
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic adapters: a bad argument is refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(r=0), "r=0 must be an int >= 1"),
+        (dict(alpha=0), "alpha=0 must be a finite number > 0"),
+        (dict(alpha=float("nan")), "alpha=nan"),
+        (dict(delta_scale=-1.0), "delta_scale=-1.0"),
+        (dict(dtype="int8"), "dtype='int8'"),
+        (dict(module_shapes={"m.q_proj": (8, 0)}), "must be \\(in, out\\) pairs"),
+        (dict(module_shapes={}), "non-empty dict"),
+    ],
+)
+def test_write_peft_adapter_refuses_bad_arguments(tmp_path, kwargs, fragment):
+    from jlora.synthetic import write_peft_adapter
+
+    kwargs = {"module_shapes": {"m.q_proj": (8, 4)}, **kwargs}
+    target = tmp_path / "adapter"
+    with pytest.raises(LoRAConfigError, match=fragment):
+        write_peft_adapter(target, kwargs.pop("module_shapes"), **kwargs)
+    assert not target.exists()  # no empty directory left behind
+
+
+def test_write_peft_adapter_delta_norm_is_as_documented(tmp_path):
+    """|scaling * x A^T B^T| ~ delta_scale * sqrt(out / in) * |x| (the docstring's promise)."""
+    from safetensors.numpy import load_file
+
+    from jlora.synthetic import write_peft_adapter
+
+    d_in, d_out, r, alpha = 256, 64, 16, 32
+    path = write_peft_adapter(tmp_path / "a", {"m.q_proj": (d_in, d_out)}, r=r, alpha=alpha)
+    w = load_file(f"{path}/adapter_model.safetensors")
+    a, b = (
+        w["base_model.model.m.q_proj.lora_A.weight"],
+        w["base_model.model.m.q_proj.lora_B.weight"],
+    )
+    x = np.random.default_rng(1).standard_normal((512, d_in)).astype(np.float32)
+    delta = (alpha / r) * (x @ a.T) @ b.T
+    ratio = np.linalg.norm(delta, axis=1).mean() / np.linalg.norm(x, axis=1).mean()
+    assert ratio == pytest.approx(0.5 * np.sqrt(d_out / d_in), rel=0.2)
+
+
+@pytest.mark.parametrize("projections", ["q_proj", ["q_proj", "qkv_proj"]])
+def test_llama_module_shapes_refuses_unknown_projections(projections):
+    from jlora.models.llama import LlamaConfig
+    from jlora.synthetic import llama_module_shapes
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    with pytest.raises(LoRAConfigError, match="not Llama projections"):
+        llama_module_shapes(config, projections)
