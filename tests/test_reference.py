@@ -87,3 +87,22 @@ def test_embedding(rng):
     for t, (i, s) in enumerate(zip(ids, slots, strict=True)):
         want = y[t] + (np.asarray(bank.scale)[s] * a[s, i] @ b[s] if s else 0)
         np.testing.assert_allclose(got[t], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_single_bank_is_one_slice(rng):
+    (bank,) = random_banks(rng, 3, 8, (5,), 2, jnp.float32)
+    y, x = rng.standard_normal((4, 5)), rng.standard_normal((4, 8))
+    slots = np.array([1, 0, 2, 2])
+    got = reference.add_lora(jnp.asarray(y), jnp.asarray(x), bank, jnp.asarray(slots))
+    np.testing.assert_allclose(got, loop_reference(y, x, [bank], slots), rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_slots_and_ids_are_refused_not_clamped(rng):
+    from jlora.errors import MappingError
+
+    (bank,) = random_banks(rng, 3, 8, (5,), 2, jnp.float32)
+    y, x = jnp.ones((2, 5)), jnp.ones((2, 8))
+    with pytest.raises(MappingError, match=r"token_slots\[1\] = 3 is outside \[0, 3\)"):
+        reference.add_lora(y, x, [bank], jnp.asarray([1, 3]))
+    with pytest.raises(MappingError, match=r"token_ids\[0\] = 8 is outside \[0, 8\)"):
+        reference.add_lora_embedding(y, jnp.asarray([8, 0]), bank, jnp.asarray([1, 1]))
