@@ -328,6 +328,8 @@ def test_config_fields_out_of_range_are_named(field, value, message):
     [
         ({"rope_theta": 0.0}, "rope_theta must be a finite number > 0, got 0.0"),
         ({"rope_theta": float("inf")}, "rope_theta must be a finite number > 0, got inf"),
+        # A JSON int past float's range: once an OverflowError from math.isfinite.
+        ({"rope_theta": 10**400}, "rope_theta must be a finite number > 0, got 1000"),
         ({"rope_type": "linear", "factor": 0}, "rope_factor must be a finite number > 0"),
         ({"rope_type": "linear"}, r"rope_parameters of rope_type 'linear' lacks \['factor'\]"),
         (
@@ -361,6 +363,33 @@ def test_rope_parameters_out_of_range_are_named(rope, message):
     hf = json.loads((BASE / "config.json").read_text())
     with pytest.raises(CheckpointError, match=message):
         LlamaConfig.from_hf(hf | {"rope_parameters": {"rope_theta": 10000.0} | rope})
+
+
+def test_llama3_rope_without_original_max_positions_takes_them_as_transformers_does():
+    """transformers 5.x fills in original_max_position_embeddings: the top-level field, else
+    max_position_embeddings."""
+    hf = json.loads((BASE / "config.json").read_text())
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    hf = hf | {"rope_parameters": rope, "max_position_embeddings": 96}
+    assert LlamaConfig.from_hf(hf).rope_original_max_position_embeddings == 96
+    top = LlamaConfig.from_hf(hf | {"original_max_position_embeddings": 48})
+    assert top.rope_original_max_position_embeddings == 48
+    no_max = {k: v for k, v in hf.items() if k != "max_position_embeddings"}
+    with pytest.raises(CheckpointError, match="lacks \\['original_max_position_embeddings'\\]"):
+        LlamaConfig.from_hf(no_max)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(fuse_qkv=1), "fuse_qkv=1 must be a bool"),
+        (dict(fuse_gate_up="yes"), "fuse_gate_up='yes' must be a bool"),
+        (dict(fused_groups=0), "fused_groups=0 must be None or an int >= 1"),
+    ],
+)
+def test_bad_from_pretrained_arguments_are_the_callers_not_config_json(kwargs, message):
+    with pytest.raises(LoRAConfigError, match=f"^from_pretrained: {message}"):
+        from_pretrained(BASE, **kwargs)
 
 
 def test_config_that_is_not_an_object_or_derives_no_head_dim_is_refused():
@@ -499,7 +528,10 @@ def test_non_finite_weights_are_named_also_when_the_cast_overflows(tmp_path):
         t[name][3, 5] = np.nan
 
     rewrite(path / "model.safetensors", poison)
-    with pytest.raises(CheckpointError, match=rf"tensor {name} holds 1 NaN/Inf values as float32"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"tensor {name} holds 1 NaN/Inf values as float32 \(in the file: corrupt\)",
+    ):
         from_pretrained(path)
     path = copy_checkpoint(BASE, tmp_path / "big")
 

@@ -103,6 +103,13 @@ def _is_real(v) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
+def _is_finite_real(v) -> bool:
+    try:
+        return _is_real(v) and math.isfinite(v)
+    except OverflowError:  # an int past float's range (JSON's 1e400 is inf, its 10**400 an int)
+        return False
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
     """Llama hyper-parameters (HF names) plus jlora's layout options.
@@ -152,7 +159,7 @@ class LlamaConfig:
                 problems.append(f"{f} must be a bool, got {getattr(self, f)!r}")
         for f, zero_ok in _REAL_FIELDS.items():
             v = getattr(self, f)
-            if _is_real(v) and math.isfinite(v) and (v > 0 or (zero_ok and v == 0)):
+            if _is_finite_real(v) and (v > 0 or (zero_ok and v == 0)):
                 object.__setattr__(self, f, float(v))
             else:
                 problems.append(
@@ -193,7 +200,7 @@ class LlamaConfig:
         if self.rope_type not in ("default", "linear", "llama3"):
             problems.append(f"rope_type {self.rope_type!r} is not supported")
         elif self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
-            # HF's llama3 scaling divides by their difference
+            # HF only warns, then divides by their difference in the smoothing: refused here
             problems.append(
                 f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
                 f"rope_low_freq_factor={self.rope_low_freq_factor}"
@@ -224,6 +231,10 @@ class LlamaConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if not isinstance(rope_type, str):
             raise CheckpointError(f"{rope_key}'s rope_type {rope_type!r} is not a string")
+        if rope_type == "llama3" and "original_max_position_embeddings" not in rope:
+            # transformers 5.x fills it in: the top-level field, else max_position_embeddings
+            old = hf.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+            rope = {**rope, "original_max_position_embeddings": old} if old is not None else rope
         lacks = [k for k in _ROPE_REQUIRED.get(rope_type, ()) if k not in rope]
         if lacks:
             # HF refuses these too; a default would silently change the positions' frequencies
@@ -633,6 +644,16 @@ def from_pretrained(
     """
     if specs is not None and mesh is None:
         raise TypeError("from_pretrained: specs needs a mesh")
+    # The caller's arguments, checked here: LlamaConfig would blame them on config.json.
+    bad_args = [
+        f"{k}={v!r} must be a bool"
+        for k, v in (("fuse_qkv", fuse_qkv), ("fuse_gate_up", fuse_gate_up))
+        if not isinstance(v, bool)
+    ]
+    if fused_groups is not None and not (is_int(fused_groups) and fused_groups >= 1):
+        bad_args.append(f"fused_groups={fused_groups!r} must be None or an int >= 1")
+    if bad_args:
+        raise LoRAConfigError("from_pretrained: " + "; ".join(bad_args))
     path = os.fspath(path)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
@@ -693,15 +714,22 @@ def from_pretrained(
             shape = tuple(var.shape)
 
             def read(index, source=source, shape=shape):
-                block = checkpoint.read(source, _bounds(index, shape))
+                raw = checkpoint.read(source, _bounds(index, shape))
                 with np.errstate(over="ignore"):  # an overflow is counted and named below
-                    block = block.astype(param_dtype)
+                    block = raw.astype(param_dtype)
                 if bad := count_nonfinite(block):
-                    files = sorted({checkpoint.files[n] for n in source.names})
+                    files = ", ".join(
+                        os.path.join(path, f)
+                        for f in sorted({checkpoint.files[n] for n in source.names})
+                    )
+                    why = (
+                        "in the file: corrupt"
+                        if count_nonfinite(raw)
+                        else f"too large for {param_dtype.name}: load with another dtype"
+                    )
                     raise CheckpointError(
-                        f"{os.path.join(path, files[0])}: tensor {'/'.join(source.names)} holds "
-                        f"{bad} NaN/Inf values as {param_dtype.name} (corrupt, or too large for "
-                        f"{param_dtype.name}: load with another dtype)"
+                        f"{files}: tensor {'/'.join(source.names)} holds {bad} NaN/Inf values as "
+                        f"{param_dtype.name} ({why})"
                     )
                 return block
 
