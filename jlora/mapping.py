@@ -133,12 +133,13 @@ class LoRAMapping:
             raise MappingError(f"is_prefill must be a bool, got {is_prefill!r}")
         if not is_int(num_slots) or num_slots < 1:
             raise MappingError(f"num_slots must be an int >= 1 (max_loras + 1), got {num_slots!r}")
-        bad = np.flatnonzero((slots < 0) | (slots >= num_slots))
-        if bad.size:
-            raise MappingError(
-                f"sequence {int(bad[0])} has slot {int(slots[bad[0]])}, outside [0, {num_slots}) "
-                f"({bad.size} bad in all); activate the adapter first so it has a device slot"
-            )
+        check_in_range(
+            "sequence",
+            "slot",
+            slots,
+            num_slots,
+            hint="; activate the adapter first so it has a device slot",
+        )
         if (lengths < 0).any():
             raise MappingError(f"seq_lengths must be >= 0, got {lengths.tolist()}")
         for name, n in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
@@ -218,6 +219,19 @@ def check_arrays(where: str, mapping: LoRAMapping) -> None:
                 f"{where}: LoRAMapping.{name} is a {type(v).__name__}; give NumPy or JAX "
                 "arrays, or build the mapping with LoRAMapping.build"
             )
+
+
+def check_in_range(
+    item: str, what: str, values: np.ndarray, size: int, *, where: str = "", hint: str = ""
+) -> None:
+    """A ``MappingError`` naming the first of ``values`` outside ``[0, size)``: checked on the
+    host, because a gather on the device would clamp it (another adapter or row, silently)."""
+    bad = np.flatnonzero((values < 0) | (values >= size))
+    if bad.size:
+        raise MappingError(
+            f"{where}{item} {int(bad[0])} has {what} {int(values.flat[bad[0]])}, outside "
+            f"[0, {size}) ({bad.size} bad in all){hint}"
+        )
 
 
 def _check_int_vector(name: str, v: np.ndarray) -> None:

@@ -65,7 +65,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels as pk
 from jlora.config import is_int
 from jlora.errors import AdapterMismatchError, LoRAConfigError, MappingError
-from jlora.mapping import LoRAMapping, check_arrays
+from jlora.mapping import LoRAMapping, check_arrays, check_in_range
 from jlora.targets import join_packed, split_packed
 from jlora.weights import DATA, MODEL, MODEL_SPLITS, LoRABank
 
@@ -363,12 +363,9 @@ def _check_config(where: str, config) -> OpsConfig:
 def _check_token_ids(ids: np.ndarray, vocab: int) -> None:
     if not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
         raise MappingError(f"add_lora_embedding: token_ids must be ints, got {ids.dtype}")
-    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
-    if bad.size:
-        raise MappingError(
-            f"add_lora_embedding: token {int(bad[0])} has id {ids.flat[bad[0]]}, outside the "
-            f"bank's vocabulary [0, {vocab}) ({bad.size} bad in all)"
-        )
+    check_in_range(
+        "token", "id", ids, vocab, where="add_lora_embedding: ", hint=": the bank's vocabulary"
+    )
 
 
 def _as_banks(banks) -> tuple[LoRABank, ...]:

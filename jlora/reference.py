@@ -1,7 +1,7 @@
 """Reference math for a mixed batch, in plain jnp with float32 accumulation at highest precision.
 
 Every kernel and fast path is tested against these. Slot-0 rows (no adapter) come out exactly
-unchanged. Imports jlora.weights and jlora.errors only.
+unchanged. Imports jlora.weights, jlora.mapping and jlora.errors only.
 
 Shapes: ``x [T, in]``, ``y [T, out]``, ``token_slots int32 [T]``; a bank holds
 ``a [S, in, R]``, ``b [S, R, out_i]``, ``scale f32 [S]``. A packed projection passes one bank per
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.errors import AdapterMismatchError, MappingError
+from jlora.errors import AdapterMismatchError
+from jlora.mapping import check_in_range
 from jlora.weights import LoRABank
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -56,7 +57,7 @@ def add_lora(
     """``y`` plus every slice's LoRA, slices laid side by side along ``y``'s last dim."""
     banks = (banks,) if isinstance(banks, LoRABank) else tuple(banks)
     for bank in banks:
-        _check_in_range("token_slots", token_slots, bank.num_slots)
+        _check_in_range("slot", token_slots, bank.num_slots)
     total = sum(bank.output_dim for bank in banks)
     if total != y.shape[-1]:
         raise AdapterMismatchError(
@@ -74,19 +75,12 @@ def add_lora_embedding(
     y: jax.Array, token_ids: jax.Array, bank: LoRABank, token_slots: jax.Array
 ) -> jax.Array:
     """Embedding LoRA: ``y[t] += scale[slot] * a[slot, token_id[t]] @ b[slot]``."""
-    _check_in_range("token_slots", token_slots, bank.num_slots)
-    _check_in_range("token_ids", token_ids, bank.a.shape[1])
+    _check_in_range("slot", token_slots, bank.num_slots)
+    _check_in_range("id", token_ids, bank.a.shape[1])
     h = bank.a[token_slots, token_ids].astype(jnp.float32)  # [T, R]
     return expand(y, h, bank.b, bank.scale, token_slots)
 
 
-def _check_in_range(name: str, index: jax.Array, size: int) -> None:
-    if isinstance(index, jax.core.Tracer):
-        return
-    index = np.asarray(index)
-    bad = np.flatnonzero((index < 0) | (index >= size))
-    if bad.size:
-        raise MappingError(
-            f"reference: {name}[{int(bad[0])}] = {index.flat[bad[0]]} is outside [0, {size}) "
-            f"({bad.size} bad in all)"
-        )
+def _check_in_range(what: str, index: jax.Array, size: int) -> None:
+    if not isinstance(index, jax.core.Tracer):
+        check_in_range("token", what, np.asarray(index), size, where="reference: ")

@@ -102,7 +102,7 @@ def test_out_of_range_slots_and_ids_are_refused_not_clamped(rng):
 
     (bank,) = random_banks(rng, 3, 8, (5,), 2, jnp.float32)
     y, x = jnp.ones((2, 5)), jnp.ones((2, 8))
-    with pytest.raises(MappingError, match=r"token_slots\[1\] = 3 is outside \[0, 3\)"):
+    with pytest.raises(MappingError, match=r"reference: token 1 has slot 3, outside \[0, 3\)"):
         reference.add_lora(y, x, [bank], jnp.asarray([1, 3]))
-    with pytest.raises(MappingError, match=r"token_ids\[0\] = 8 is outside \[0, 8\)"):
+    with pytest.raises(MappingError, match=r"reference: token 0 has id 8, outside \[0, 8\)"):
         reference.add_lora_embedding(y, jnp.asarray([8, 0]), bank, jnp.asarray([1, 1]))
