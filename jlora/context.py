@@ -113,7 +113,7 @@ def lora_context(
     normalized = {}
     for name, value in banks.items():
         slices = (value,) if isinstance(value, LoRABank) else value
-        slices = tuple(slices) if isinstance(slices, tuple | list) else ()
+        slices = tuple(slices) if isinstance(slices, Sequence) else ()
         if not slices or not all(isinstance(b, LoRABank) for b in slices):
             raise AdapterMismatchError(
                 f"banks[{name!r}] must be a LoRABank or a tuple of LoRABanks (one per slice)"

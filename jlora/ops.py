@@ -371,7 +371,7 @@ def _check_token_ids(ids: np.ndarray, vocab: int) -> None:
 def _as_banks(banks) -> tuple[LoRABank, ...]:
     if isinstance(banks, LoRABank):
         return (banks,)
-    if not isinstance(banks, tuple | list):
+    if not isinstance(banks, Sequence):
         raise AdapterMismatchError(
             f"banks must be a LoRABank or a non-empty sequence of them, got {type(banks).__name__}"
         )
