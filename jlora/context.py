@@ -32,7 +32,7 @@ import contextvars
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +101,7 @@ def lora_context(
     """
     if impl not in ops.IMPLS:
         raise LoRAConfigError(f"lora_context: impl={impl!r} is not one of {ops.IMPLS}")
-    if not isinstance(strict, bool):
+    if not isinstance(strict, bool | np.bool_):
         raise LoRAConfigError(f"lora_context: strict must be a bool, got {strict!r}")
     if not isinstance(mapping, LoRAMapping):
         raise MappingError(f"lora_context needs a LoRAMapping, got {type(mapping).__name__}")
@@ -113,7 +113,8 @@ def lora_context(
     normalized = {}
     for name, value in banks.items():
         slices = (value,) if isinstance(value, LoRABank) else value
-        slices = tuple(slices) if isinstance(slices, Sequence) else ()
+        iterable = isinstance(slices, Iterable) and not isinstance(slices, str)
+        slices = tuple(slices) if iterable else ()
         if not slices or not all(isinstance(b, LoRABank) for b in slices):
             raise AdapterMismatchError(
                 f"banks[{name!r}] must be a LoRABank or a tuple of LoRABanks (one per slice)"

@@ -54,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -289,8 +289,8 @@ def add_lora_embedding(
     Args:
       y: `[T, hidden]`, the base embedding's output.
       token_ids: int `[T]`, each in `[0, vocab)`. An eager call checks them on the host
-        (`MappingError`); under `jit` they cannot be checked, and one out of range is clamped,
-        as `jnp` indexing does.
+        (`MappingError`); under `jit` they cannot be checked, and `jnp` indexing wraps a
+        negative id (-1 reads the last row) and clamps one >= vocab.
       bank: `a [slots, vocab, R]`, `b [slots, R, hidden]`, `scale [slots]`.
       mapping: the step's `LoRAMapping`.
       config: tunables of the XLA path; `OpsConfig()` when None.
@@ -371,7 +371,7 @@ def _check_token_ids(ids: np.ndarray, vocab: int) -> None:
 def _as_banks(banks) -> tuple[LoRABank, ...]:
     if isinstance(banks, LoRABank):
         return (banks,)
-    if not isinstance(banks, Sequence):
+    if isinstance(banks, str) or not isinstance(banks, Iterable):
         raise AdapterMismatchError(
             f"banks must be a LoRABank or a non-empty sequence of them, got {type(banks).__name__}"
         )

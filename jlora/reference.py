@@ -6,8 +6,8 @@ unchanged. Imports jlora.weights, jlora.mapping and jlora.errors only.
 Shapes: ``x [T, in]``, ``y [T, out]``, ``token_slots int32 [T]``; a bank holds
 ``a [S, in, R]``, ``b [S, R, out_i]``, ``scale f32 [S]``. A packed projection passes one bank per
 output slice; slice ``i`` owns columns ``offset_i : offset_i + out_i`` of ``y``. Concrete slots
-(and token ids) out of range are a ``MappingError``; traced ones cannot be checked, and a gather
-clamps them.
+(and token ids) out of range are a ``MappingError``; traced ones cannot be checked, and ``jnp``
+indexing wraps a negative one and clamps one past the end.
 """
 
 from __future__ import annotations

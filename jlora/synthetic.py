@@ -1,7 +1,7 @@
 """Synthetic models and adapters for demos, benchmarks and tests: a random-weight Llama and PEFT
 adapters written in PEFT's own file layout (adapter_config.json + adapter_model.safetensors with
 PyTorch-layout tensors), so they go through the same loader as adapters trained with PEFT.
-Imports jlora.models and jlora.errors only.
+Imports jlora.models, jlora.config and jlora.errors only.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from jlora.config import is_int
 from jlora.errors import LoRAConfigError
 from jlora.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -30,12 +31,9 @@ def llama_module_shapes(
     config: LlamaConfig, projections: Sequence[str] = LLAMA_PROJECTIONS
 ) -> dict[str, tuple[int, int]]:
     """PEFT module name -> (in, out) for the given projections of every layer."""
-    # A bare "q_proj" would be read letter by letter.
-    unknown = (
-        [projections]
-        if isinstance(projections, str)
-        else [p for p in projections if p not in LLAMA_PROJECTIONS]
-    )
+    # A bare "q_proj" would be read letter by letter; a generator is read once, here.
+    projections = (projections,) if isinstance(projections, str) else tuple(projections)
+    unknown = [p for p in projections if p not in LLAMA_PROJECTIONS]
     if unknown:
         raise LoRAConfigError(
             f"llama_module_shapes: {unknown} are not Llama projections; give a sequence of "
@@ -77,7 +75,10 @@ def write_peft_adapter(
 
     Raises ``LoRAConfigError`` for a bad argument, before anything is written.
     """
-    _check_adapter_args(module_shapes, r=r, alpha=alpha, dtype=dtype, delta_scale=delta_scale)
+    # Plain Python values from here on: json.dump refuses NumPy scalars (after writing a part).
+    module_shapes, r, alpha, dtype, delta_scale = _checked_adapter_args(
+        module_shapes, r=r, alpha=alpha, dtype=dtype, delta_scale=delta_scale
+    )
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -106,34 +107,40 @@ def write_peft_adapter(
     return directory
 
 
-def _check_adapter_args(module_shapes, *, r, alpha, dtype, delta_scale) -> None:
+def _checked_adapter_args(module_shapes, *, r, alpha, dtype, delta_scale):
+    """The arguments of ``write_peft_adapter`` as plain Python values, or a LoRAConfigError."""
     problems = []
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    if not is_int(r) or r < 1:
         problems.append(f"r={r!r} must be an int >= 1")
     # alpha = 0 would make B infinite (it is sized by 1 / scaling).
     if not _is_real(alpha) or not (math.isfinite(alpha) and alpha > 0):
         problems.append(f"alpha={alpha!r} must be a finite number > 0")
     if not _is_real(delta_scale) or not (math.isfinite(delta_scale) and delta_scale >= 0):
         problems.append(f"delta_scale={delta_scale!r} must be a finite number >= 0")
-    if dtype not in ("float32", "float16", "bfloat16"):
-        problems.append(f"dtype={dtype!r} must be 'float32', 'float16' or 'bfloat16'")
+    try:
+        dtype_name = np.dtype(dtype).name  # "bfloat16" too: JAX registers it with NumPy
+    except TypeError:
+        dtype_name = None
+    if dtype_name not in ("float32", "float16", "bfloat16"):
+        problems.append(f"dtype={dtype!r} must be float32, float16 or bfloat16")
+    shapes = {}
     if not isinstance(module_shapes, Mapping) or not module_shapes:
         problems.append("module_shapes must be a non-empty dict of module name -> (in, out)")
     else:
-        bad = [
-            name
-            for name, shape in module_shapes.items()
-            if not (
+        for name, shape in module_shapes.items():
+            if (
                 isinstance(name, str)
                 and isinstance(shape, tuple | list)
                 and len(shape) == 2
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
-            )
-        ]
+                and all(is_int(d) and d >= 1 for d in shape)
+            ):
+                shapes[name] = (int(shape[0]), int(shape[1]))
+        bad = [name for name in module_shapes if name not in shapes]
         if bad:
             problems.append(f"module_shapes{bad[:3]} must be (in, out) pairs of ints >= 1")
     if problems:
         raise LoRAConfigError("write_peft_adapter: " + "; ".join(problems))
+    return shapes, int(r), float(alpha), dtype_name, float(delta_scale)
 
 
 def _is_real(v) -> bool:

@@ -687,6 +687,7 @@ def test_a_file_rewritten_during_the_load_is_refused(adapter, monkeypatch, rewri
         (dict(dtype="int8"), "dtype='int8'"),
         (dict(module_shapes={"m.q_proj": (8, 0)}), "must be \\(in, out\\) pairs"),
         (dict(module_shapes={}), "non-empty dict"),
+        (dict(dtype=np.int8), "dtype=<class 'numpy.int8'>"),
     ],
 )
 def test_write_peft_adapter_refuses_bad_arguments(tmp_path, kwargs, fragment):
@@ -718,7 +719,38 @@ def test_write_peft_adapter_delta_norm_is_as_documented(tmp_path):
     assert ratio == pytest.approx(0.5 * np.sqrt(d_out / d_in), rel=0.2)
 
 
-@pytest.mark.parametrize("projections", ["q_proj", ["q_proj", "qkv_proj"]])
+def test_write_peft_adapter_takes_numpy_numbers_and_writes_plain_json(tmp_path):
+    """NumPy ints, floats and dtypes are what a LlamaConfig or an array hands over; json.dump
+    refuses NumPy scalars, which once left a half-written adapter_config.json."""
+    from jlora.synthetic import write_peft_adapter
+
+    shapes = {"m.q_proj": (np.int64(8), np.int64(4))}
+    path = write_peft_adapter(
+        tmp_path / "a", shapes, r=np.int64(2), alpha=np.float32(4), dtype=np.float16
+    )
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2, 4.0)
+    lora = jlora.load_adapter(path)
+    assert lora.loras["m.q_proj"].lora_a.dtype == np.float16
+
+
+def test_llama_module_shapes_reads_a_generator_once():
+    from jlora.models.llama import LlamaConfig
+    from jlora.synthetic import llama_module_shapes
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    shapes = llama_module_shapes(config, (p for p in ["q_proj"]))
+    assert shapes == {"model.layers.0.self_attn.q_proj": (16, 16)}
+    assert llama_module_shapes(config, "q_proj") == shapes  # one name, not its letters
+
+
+@pytest.mark.parametrize("projections", ["qkv_proj", ["q_proj", "qkv_proj"]])
 def test_llama_module_shapes_refuses_unknown_projections(projections):
     from jlora.models.llama import LlamaConfig
     from jlora.synthetic import llama_module_shapes
@@ -732,3 +764,13 @@ def test_llama_module_shapes_refuses_unknown_projections(projections):
     )
     with pytest.raises(LoRAConfigError, match="not Llama projections"):
         llama_module_shapes(config, projections)
+
+
+def test_ops_and_context_take_any_iterable_of_banks_and_numpy_bools():
+    """What worked before the argument checks still does: generators of banks, np.bool_."""
+    mapping = jlora.LoRAMapping.build([1, 0], [2, 1], num_slots=3, num_tokens=3)
+    y = np.ones((3, 4), np.float32)
+    out = ops.add_lora(y, np.ones((3, 8), np.float32), (b for b in [_one_bank()]), mapping)
+    np.testing.assert_array_equal(np.asarray(out), y)  # zero banks: the base output
+    with jlora.lora_context({"q": (b for b in [_one_bank()])}, mapping, strict=np.False_) as ctx:
+        assert len(ctx.banks["q"]) == 1

@@ -374,9 +374,13 @@ def test_llama3_rope_without_original_max_positions_takes_them_as_transformers_d
     assert LlamaConfig.from_hf(hf).rope_original_max_position_embeddings == 96
     top = LlamaConfig.from_hf(hf | {"original_max_position_embeddings": 48})
     assert top.rope_original_max_position_embeddings == 48
+    # The top-level field wins over the rope dict's too; with neither, 2048 (HF's default).
+    both = hf | {"rope_parameters": rope | {"original_max_position_embeddings": 64}}
+    assert LlamaConfig.from_hf(both).rope_original_max_position_embeddings == 64
+    both |= {"original_max_position_embeddings": 48}
+    assert LlamaConfig.from_hf(both).rope_original_max_position_embeddings == 48
     no_max = {k: v for k, v in hf.items() if k != "max_position_embeddings"}
-    with pytest.raises(CheckpointError, match="lacks \\['original_max_position_embeddings'\\]"):
-        LlamaConfig.from_hf(no_max)
+    assert LlamaConfig.from_hf(no_max).rope_original_max_position_embeddings == 2048
 
 
 @pytest.mark.parametrize(
@@ -385,11 +389,18 @@ def test_llama3_rope_without_original_max_positions_takes_them_as_transformers_d
         (dict(fuse_qkv=1), "fuse_qkv=1 must be a bool"),
         (dict(fuse_gate_up="yes"), "fuse_gate_up='yes' must be a bool"),
         (dict(fused_groups=0), "fused_groups=0 must be None or an int >= 1"),
+        (dict(fused_groups=2), "fused_groups=2: .*needs fuse_qkv or fuse_gate_up"),
+        (dict(fuse_qkv=True, fused_groups=7), "fused_groups=7: .*does not divide q_dim"),
     ],
 )
 def test_bad_from_pretrained_arguments_are_the_callers_not_config_json(kwargs, message):
     with pytest.raises(LoRAConfigError, match=f"^from_pretrained: {message}"):
         from_pretrained(BASE, **kwargs)
+
+
+def test_from_pretrained_takes_numpy_bools():
+    model = from_pretrained(BASE, fuse_qkv=np.True_, fuse_gate_up=np.False_)
+    assert model.config.fuse_qkv and not model.config.fuse_gate_up
 
 
 def test_config_that_is_not_an_object_or_derives_no_head_dim_is_refused():

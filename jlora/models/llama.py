@@ -231,10 +231,16 @@ class LlamaConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if not isinstance(rope_type, str):
             raise CheckpointError(f"{rope_key}'s rope_type {rope_type!r} is not a string")
-        if rope_type == "llama3" and "original_max_position_embeddings" not in rope:
-            # transformers 5.x fills it in: the top-level field, else max_position_embeddings
-            old = hf.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-            rope = {**rope, "original_max_position_embeddings": old} if old is not None else rope
+        if rope_type == "llama3":
+            # As transformers 5.x standardizes it: a top-level field wins over the rope dict's,
+            # which defaults to max_position_embeddings (2048 when config.json has none either).
+            old = hf.get(
+                "original_max_position_embeddings",
+                rope.get(
+                    "original_max_position_embeddings", hf.get("max_position_embeddings", 2048)
+                ),
+            )
+            rope = {**rope, "original_max_position_embeddings": old}
         lacks = [k for k in _ROPE_REQUIRED.get(rope_type, ()) if k not in rope]
         if lacks:
             # HF refuses these too; a default would silently change the positions' frequencies
@@ -638,7 +644,8 @@ def from_pretrained(
         a config field out of range (``LlamaConfig``) or a rope type lacking a key HF requires,
         a missing, unexpected or mis-shaped tensor, an index pointing at a missing shard or tensor
         or outside ``path``, a tensor holding NaN/Inf in ``dtype`` (while it is read).
-      LoRAConfigError: ``dtype`` not one of ``MODEL_DTYPES``, a mesh jlora cannot use, ``specs``
+      LoRAConfigError: ``dtype`` not one of ``MODEL_DTYPES``, ``fuse_qkv``/``fuse_gate_up`` not a
+        bool, a ``fused_groups`` the fused slices cannot take, a mesh jlora cannot use, ``specs``
         lacking a parameter, or a mesh axis that does not divide the parameter dim it splits.
       Everything but the values is checked before any weight is read.
     """
@@ -648,7 +655,7 @@ def from_pretrained(
     bad_args = [
         f"{k}={v!r} must be a bool"
         for k, v in (("fuse_qkv", fuse_qkv), ("fuse_gate_up", fuse_gate_up))
-        if not isinstance(v, bool)
+        if not isinstance(v, bool | np.bool_)
     ]
     if fused_groups is not None and not (is_int(fused_groups) and fused_groups >= 1):
         bad_args.append(f"fused_groups={fused_groups!r} must be None or an int >= 1")
@@ -666,7 +673,7 @@ def from_pretrained(
     overrides: dict[str, Any] = dict(
         fuse_qkv=fuse_qkv,
         fuse_gate_up=fuse_gate_up,
-        fused_groups=1 if fused_groups is None else fused_groups,
+        fused_groups=1,  # the caller's, set below: an error in it is not config.json's
     )
     if dtype is not None:
         name = _model_dtype_name(dtype)
@@ -682,6 +689,11 @@ def from_pretrained(
         raise CheckpointError(f"{config_file}: {e}") from None
     except TypeError as e:
         raise CheckpointError(f"{config_file}: bad field ({e})") from None
+    if fused_groups is not None and fused_groups != 1:
+        try:
+            config = dataclasses.replace(config, fused_groups=fused_groups)
+        except CheckpointError as e:
+            raise LoRAConfigError(f"from_pretrained: fused_groups={fused_groups!r}: {e}") from None
     if fused_groups is None and isinstance(mesh, jax.sharding.Mesh):
         config = _groups_for_mesh(config, mesh)
 
