@@ -46,6 +46,8 @@ from jlora.weights import LoRALayerWeights, LoRAModel, PackedLoRALayerWeights
 FORMAT = "jlora.adapter"
 # One buffer file per dtype, named by it (the names are checked on restore: they become paths).
 _BUFFER_DTYPES = FLOAT_DTYPE_NAMES
+# orbax's TMP_DIR_SUFFIX (private in orbax.checkpoint._src.path.atomicity_types)
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
 FORMAT_VERSION = 2  # 1: buffers in tensorstore (orbax PyTree handler)
 ARRAYS_ITEM = "arrays"
 META_ITEM = "jlora_adapter"
@@ -86,6 +88,12 @@ def save_adapter(model: LoRAModel, path: str | os.PathLike, *, overwrite: bool =
     if not os.fspath(path):
         raise CheckpointError("save_adapter: the checkpoint path is empty; name a new directory")
     path = os.path.abspath(os.fspath(path))
+    if _ORBAX_TMP in os.path.basename(path):
+        # orbax takes such a name for one of its unfinished writes and refuses to restore it
+        raise CheckpointError(
+            f"{path}: a name containing {_ORBAX_TMP!r} marks an unfinished orbax write, which "
+            "could never be restored; choose another name"
+        )
     if os.path.lexists(path):
         if not overwrite:
             raise CheckpointError(f"{path}: already exists; pass overwrite=True to replace it")
@@ -404,14 +412,20 @@ class _Unpacker:
         return x
 
     def layer(self, m: dict) -> LoRALayerWeights:
-        return LoRALayerWeights(
-            lora_a=self.get(m["a"]),
-            lora_b=self.get(m["b"]),
-            bias=self.get(m["bias"]),
-            module_name=m["module_name"],
-            scaling=m["scaling"],
-            is_embedding=m["is_embedding"],
-        )
+        a, b, bias = self.get(m["a"]), self.get(m["b"]), self.get(m["bias"])
+        try:
+            return LoRALayerWeights(
+                lora_a=a,
+                lora_b=b,
+                bias=bias,
+                module_name=m["module_name"],
+                scaling=m["scaling"],
+                is_embedding=m["is_embedding"],
+            )
+        except LoRAError as e:  # save_adapter writes only valid layers: the metadata was edited
+            raise CheckpointError(
+                f"{self.path}: the checkpoint's metadata is corrupt ({e}); re-save the adapter"
+            ) from None
 
 
 def _check_fields(path: str, meta: dict) -> None:

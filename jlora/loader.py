@@ -67,6 +67,8 @@ class _Entry:
     b: str | None = None
     bias: str | None = None
     embedding: bool = False
+    # (PEFT adapter name or None, embedding?) of its first tensor: the others must agree
+    tag: tuple[str | None, bool] | None = None
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
@@ -208,11 +210,12 @@ def _index_tensors(
     entries: dict[str, _Entry] = {}
     for key in keys:
         stripped = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        if ".base_layer." in stripped and stripped.endswith(".weight"):
+        m = _KEY.match(stripped)
+        if m is None and stripped.endswith(".base_layer.weight"):
             # PEFT's save_embedding_layers copies the base embedding / lm_head weights into
             # the adapter when they are targeted; they belong to the base model, not the LoRA.
+            # (Matched first: a LoRA tensor of a module under a "base_layer" path is kept.)
             continue
-        m = _KEY.match(stripped)
         if m is None and stripped.endswith(".bias"):
             raise AdapterWeightsError(
                 f"{file}: tensor {key!r} is a retrained bias of the base model (PEFT "
@@ -226,6 +229,11 @@ def _index_tensors(
                 " jlora serves LoRA A/B weights only"
             )
         module, part, param = m["module"], m["part"], m["param"]
+        if param == "bias" and part != "lora_B":
+            raise AdapterWeightsError(
+                f"{file}: tensor {key!r} is a bias on {part}; PEFT's LoRA bias (lora_bias=True) "
+                "is on lora_B only, so this file was not written by PEFT"
+            )
         entry = entries.setdefault(module, _Entry())
         dt = header[key]["dtype"]
         if dt not in FLOAT_DTYPES:
@@ -237,6 +245,14 @@ def _index_tensors(
                 f"{file}: module {module!r} has two {part}{'.bias' if role == 'bias' else ''} "
                 f"tensors ({getattr(entry, role)!r} and {key!r}); save one adapter per file"
             )
+        tag = (m["adapter"], part.startswith("lora_embedding"))
+        if entry.tag is not None and tag != entry.tag:
+            first = next(k for k in entry.shapes if k != key)
+            raise AdapterWeightsError(
+                f"{file}: module {module!r} mixes tensors of different adapters or kinds "
+                f"({first!r} and {key!r}); save one adapter per file"
+            )
+        entry.tag = tag
         setattr(entry, role, key)
         if role == "a":
             entry.embedding = part.startswith("lora_embedding")

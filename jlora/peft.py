@@ -37,9 +37,10 @@ UNSUPPORTED = {
 # init_lora_weights values after which the adapter needs a base model PEFT rewrote (PiSSA and
 # OLoRA subtract the initial B A, LoftQ quantizes, CorDA and LoRA-GA decompose): on the original
 # base they are wrong. PEFT saves a converted one (path_initial_model_for_weight_conversion) with
-# init_lora_weights=True. The others only seed A and B.
+# init_lora_weights=True. The others only seed A and B (MiCA from the base's SVD, with A = 0, so
+# the base stays as it was; its forward is plain LoRA, PEFT 0.21's MiCALinearVariant).
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-_PLAIN_INITS = ("gaussian", "eva", "orthogonal")
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -278,7 +278,7 @@ def test_an_init_that_rewrote_the_base_model_is_refused(adapter, init):
     )
 
 
-@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", ...])
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica", ...])
 def test_an_init_that_only_seeds_a_and_b_loads(adapter, init):
     edit_config(adapter, init_lora_weights=init)  # ...: the field left out
     assert jlora.load_adapter(adapter).rank == 8
@@ -327,6 +327,40 @@ def test_lora_bias_loads_for_merging_only(adapter):
     config = jlora.LoRAConfig(max_loras=2, max_lora_rank=8, bias_enabled=True)
     layer = jlora.load_adapter(adapter, config=config).get_lora(MODULE)
     np.testing.assert_array_equal(layer.bias, 0.5)
+
+
+def test_a_lora_under_a_base_layer_path_is_kept(adapter):
+    """Only PEFT's base-weight copies (".base_layer.weight") are skipped, not a LoRA module
+    whose path happens to contain "base_layer"."""
+    a_key = A_KEY.replace("self_attn.q_proj", "base_layer.k_proj")
+
+    def add(t):
+        t[a_key] = t[A_KEY]
+        t[a_key.replace("lora_A", "lora_B")] = t[B_KEY]
+
+    edit_tensors(adapter, add)
+    lora = jlora.load_adapter(adapter)
+    assert "model.layers.0.base_layer.k_proj" in lora.loras
+
+
+@pytest.mark.parametrize(
+    "new_key, fragment",
+    [
+        (A_KEY.replace(".weight", ".bias"), "is a bias on lora_A"),
+        # the module's A replaced by one of another named adapter, or by an embedding's A
+        (A_KEY.replace("lora_A.weight", "lora_A.other.weight"), "mixes tensors of different"),
+        (A_KEY.replace("lora_A", "lora_embedding_A"), "mixes tensors of different"),
+    ],
+)
+def test_tensors_that_do_not_belong_together_are_refused(adapter, new_key, fragment):
+    def swap(t):
+        if new_key.endswith(".bias"):
+            t[new_key] = np.ones(8, t[A_KEY].dtype)
+        else:
+            t[new_key] = t.pop(A_KEY)
+
+    edit_tensors(adapter, swap)
+    expect(AdapterWeightsError, adapter, fragment)
 
 
 def test_truncated_safetensors(adapter):

@@ -161,6 +161,15 @@ def _set_tensor(i, value):
         (lambda meta: meta["modules"][0].update(layers=[None]), "layers [None] (one layer)"),
         (lambda meta: meta["modules"][0].update(layers=[]), "layers [] (one layer)"),
         (lambda meta: meta["modules"].append(meta["modules"][0]), "listed twice"),
+        # LoRALayerWeights' own checks, once an AdapterWeightsError naming no checkpoint
+        (
+            lambda meta: meta["modules"][0]["layers"][0].update(scaling="abc"),
+            "metadata is corrupt (module",
+        ),
+        (
+            lambda meta: meta["modules"][0]["layers"][0].update(scaling=float("nan")),
+            "metadata is corrupt (module",
+        ),
     ],
 )
 def test_corrupt_metadata_is_a_checkpoint_error(tmp_path, edit, fragment):
@@ -388,6 +397,14 @@ def test_numpy_ids_and_pathlike_paths_are_saved_as_plain_values(tmp_path):
     model = _small(id=np.int64(5), path=pathlib.Path("/some/where"))
     restored = restore_adapter(save_adapter(model, tmp_path / "c"))
     assert (type(restored.id), restored.id, restored.path) == (int, 5, "/some/where")
+
+
+def test_save_refuses_a_name_orbax_takes_for_an_unfinished_write(tmp_path):
+    """orbax refuses to restore <name>.orbax-checkpoint-tmp-<n>: such a save could never be
+    read back."""
+    with pytest.raises(CheckpointError, match="unfinished orbax write"):
+        save_adapter(_small(), tmp_path / "c.orbax-checkpoint-tmp-123")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize(
