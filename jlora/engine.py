@@ -26,7 +26,7 @@ import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +128,8 @@ class Engine:
       model: an NNX causal LM with the ``jlora.models.llama`` calling convention
         (``model(ids, positions, kv_cache=..., logits_index=...)``), plain or already returned by
         ``jlora.apply``.
-      lora_config: slots, ranks, host cache size, target modules.
+      lora_config: slots, ranks, host cache size, target modules (a plain model is wrapped
+        with them; for a model already wrapped, they must be None: its layers are chosen).
       max_batch: decode rows (requests in flight at once).
       max_seq_len: prompt plus generated tokens, per request; at most the model's
         ``max_position_embeddings``.
@@ -165,6 +166,14 @@ class Engine:
         self.max_seq_len = max_seq_len
         if not find_targets_safe(model):
             model = apply(model, lora_config)
+        elif lora_config.target_modules is not None:
+            # The wrapped layers were chosen by that jlora.apply call: a filter here would be
+            # silently ignored (an adapter for other layers served on them all the same).
+            raise LoRAConfigError(
+                f"lora_config.target_modules={lora_config.target_modules!r} has no effect on a "
+                f"model jlora.apply already wrapped ({len(find_targets(model))} layers); pass "
+                "target_modules to jlora.apply, or give the Engine the plain model"
+            )
         self.model = model
         model_config = model.config
         limit = getattr(model_config, "max_position_embeddings", None)
@@ -225,7 +234,7 @@ class Engine:
         step and one prefill per rows bucket (1, 2, 4, ..., ``max_batch``) per prompt-length
         bucket, and the adapter manager's slot writers. Returns the seconds it took. Serving
         loops call it once, before traffic."""
-        prompt_lengths = list(prompt_lengths)
+        prompt_lengths = _as_list("prompt_lengths", prompt_lengths, "ints >= 1")
         if not all(is_int(n) and n >= 1 for n in prompt_lengths):
             raise LoRAConfigError(f"prompt_lengths must be ints >= 1, got {prompt_lengths}")
         start = time.perf_counter()
@@ -273,15 +282,24 @@ class Engine:
     def _generate(self, prompts, lora_requests, sampling_params, on_token) -> list[RequestOutput]:
         if on_token is not None and not callable(on_token):
             raise TypeError(f"on_token must be None or a callable, got {type(on_token).__name__}")
+        prompts = _as_list("prompts", prompts, "token-id lists")
         n = len(prompts)
         if isinstance(lora_requests, LoRARequest):
             raise LoRAConfigError(
                 "lora_requests must be a sequence with one LoRARequest or None per prompt, got "
                 "a single LoRARequest; pass [request] * len(prompts) to use it for all of them"
             )
-        lora_requests = [None] * n if lora_requests is None else list(lora_requests)
+        lora_requests = (
+            [None] * n
+            if lora_requests is None
+            else _as_list("lora_requests", lora_requests, "LoRARequests or None, one per prompt")
+        )
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             sampling_params = [sampling_params or SamplingParams()] * n
+        else:
+            sampling_params = _as_list(
+                "sampling_params", sampling_params, "SamplingParams, one per prompt (or one)"
+            )
         if not len(lora_requests) == len(sampling_params) == n:
             raise LoRAConfigError(
                 f"{n} prompts, {len(lora_requests)} lora_requests and {len(sampling_params)} "
@@ -584,3 +602,10 @@ def _decode_step(
         )
     tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, steps)
     return tokens, logprobs, cache
+
+
+def _as_list(name: str, value, what: str) -> list:
+    """``value`` (any iterable: a generator is read once) as a list, or a LoRAConfigError."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise LoRAConfigError(f"{name} must be a sequence of {what}, got {type(value).__name__}")
+    return list(value)

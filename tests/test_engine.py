@@ -191,6 +191,38 @@ def test_engine_type_checks(base_model, engine):
     for lengths in ([3.5], [0], [-3]):
         with pytest.raises(jlora.LoRAConfigError, match="prompt_lengths must be ints >= 1"):
             engine.warmup(lengths)
+    # Not sequences at all: once raw TypeErrors ("'int' object is not iterable", "no len()").
+    with pytest.raises(jlora.LoRAConfigError, match="prompt_lengths must be a sequence"):
+        engine.warmup(8)
+    with pytest.raises(jlora.LoRAConfigError, match="lora_requests must be a sequence"):
+        engine.generate([[1, 2]], 5)
+    with pytest.raises(jlora.LoRAConfigError, match="sampling_params must be a sequence"):
+        engine.generate([[1, 2]], None, 5)
+    with pytest.raises(jlora.LoRAConfigError, match="prompts must be a sequence"):
+        engine.generate(7)
+
+
+def test_generate_reads_generators_once(engine):
+    params = SamplingParams(max_tokens=2)
+    want = engine.generate([[1, 2], [3]], None, params)
+    got = engine.generate(
+        (p for p in [[1, 2], [3]]), (r for r in [None, None]), (s for s in [params, params])
+    )
+    assert [o.tokens for o in got] == [o.tokens for o in want]
+
+
+def test_a_target_filter_on_an_already_wrapped_model_is_refused(base_model):
+    """It would be ignored: the layers were chosen when jlora.apply wrapped the model."""
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16)
+    wrapped = jlora.apply(base_model, config)
+    Engine(wrapped, config, max_batch=1, max_seq_len=32)  # no filter: fine
+    with pytest.raises(jlora.LoRAConfigError, match="has no effect on a model jlora.apply"):
+        Engine(
+            wrapped,
+            jlora.LoRAConfig(max_loras=1, max_lora_rank=16, target_modules=["q_proj"]),
+            max_batch=1,
+            max_seq_len=32,
+        )
 
 
 def test_slots_pinned_by_unused_adapters_raise_instead_of_waiting_forever(base_model, requests):
