@@ -281,6 +281,11 @@ def _slices(layer: _Layer, packed: _Packing) -> tuple[list[tuple[str, int]], int
             f"packed_modules names {leaf!r}, but {layer.name!r} is an embedding, which cannot be "
             "packed; leave it out of packed_modules"
         )
+    if not all(isinstance(s, tuple | list) and len(s) == 2 for s in spec):
+        raise AdapterMismatchError(
+            f"packed_modules[{leaf!r}] = {list(spec)}: give (peft_name, width) pairs, e.g. "
+            '{"qkv_proj": (("q_proj", 2048), ("k_proj", 512), ("v_proj", 512))}'
+        )
     if not all(is_int(d) and d >= 1 for _, d in spec):
         raise AdapterMismatchError(
             f"packed_modules[{leaf!r}] = {list(spec)}: each slice width must be an int >= 1"

@@ -46,6 +46,11 @@ def merge_adapter(
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"merge_adapter takes an nnx.Module (NNX only), got {type(model)}")
+    if not isinstance(adapter, LoRAModel):  # a path or a LoRARequest, as Engine takes
+        raise TypeError(
+            f"merge_adapter takes a LoRAModel, got {type(adapter).__name__}; load one with "
+            "jlora.load_adapter(path) or jlora.restore_adapter(path)"
+        )
     targets = wrapped = find_targets(model)
     if not targets:  # a plain model: its layers as apply would wrap them
         targets = find_targets(

@@ -52,6 +52,16 @@ class TargetModule:
     groups: int = 1
 
     def __post_init__(self):
+        for field, value in (("out_dims", self.out_dims), ("peft_names", self.peft_names)):
+            if isinstance(value, str) or not isinstance(value, Sequence):  # one width per slice
+                raise AdapterMismatchError(
+                    f"target {self.name!r}: {field}={value!r} must be a sequence (one per slice)"
+                )
+        if not all(isinstance(n, str) and n for n in self.peft_names):
+            raise AdapterMismatchError(
+                f"target {self.name!r}: peft_names={tuple(self.peft_names)!r} must be non-empty "
+                "strs (PEFT module names)"
+            )
         out_dims = tuple(self.out_dims)
         if not all(is_int(d) and d >= 1 for d in (self.in_dim, *out_dims)):  # not int(2.7) = 2
             raise AdapterMismatchError(
@@ -159,6 +169,12 @@ def split_packed(y: jax.Array, widths: Sequence[int], groups: int = 1) -> list[j
 def join_packed(parts: Sequence[jax.Array], groups: int = 1) -> jax.Array:
     """The inverse of ``split_packed``: slices (last axis) into one packed output."""
     groups = _check_groups("join_packed", groups)
+    widths = [p.shape[-1] for p in parts]
+    if not parts or any(w % groups for w in widths):
+        raise AdapterMismatchError(
+            f"join_packed: slice widths {tuple(widths)} must be one or more, each dividing by "
+            f"groups={groups}"
+        )
     if len(parts) == 1:
         return parts[0]
     if groups == 1:

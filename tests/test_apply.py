@@ -896,6 +896,30 @@ def test_layer_dims_and_packed_widths_must_be_positive_ints():
         apply(embed, packed_modules={"": (("a", 2), ("b", 2))})
 
 
+def test_malformed_targets_packing_and_merge_arguments_are_named():
+    """Each once a raw TypeError/ValueError naming nothing."""
+    from jlora.merge import merge_adapter
+    from jlora.targets import join_packed
+
+    base = {"name": "t", "in_dim": 4, "out_dims": (4,), "peft_names": ("t",)}
+    for bad, fragment in (
+        (dict(out_dims=4), "out_dims=4 must be a sequence"),
+        (dict(peft_names="t"), "peft_names='t' must be a sequence"),
+        (dict(peft_names=(None,)), "must be non-empty strs"),
+    ):
+        with pytest.raises(AdapterMismatchError, match=fragment):
+            TargetModule(**{**base, **bad})
+    with pytest.raises(AdapterMismatchError, match="each dividing by groups=2"):
+        join_packed([jnp.ones(3), jnp.ones(3)], groups=2)
+    with pytest.raises(AdapterMismatchError, match="one or more"):
+        join_packed([])
+    model = NNXMLP(nnx.Rngs(0))
+    with pytest.raises(AdapterMismatchError, match=r"give \(peft_name, width\) pairs"):
+        apply(model, packed_modules={"fc1": ("a", "b")})  # vLLM's packed_modules_mapping shape
+    with pytest.raises(TypeError, match="merge_adapter takes a LoRAModel, got str"):
+        merge_adapter(model, "/some/adapter")
+
+
 def test_targeting_a_layer_without_an_in_out_view_raises():
     class Odd(nnx.Module):
         def __init__(self, rngs):
