@@ -310,12 +310,12 @@ def matches_target(
     if not found or not layers_to_transform:
         return found
     match = None
-    if not layers_pattern:
+    if not any(layers_pattern or ()):  # as PEFT 0.21: an empty pattern means any
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
     else:
         for pattern in layers_pattern:
-            # As PEFT: the pattern follows a dot, so a name that starts with it has no layer.
-            match = re.match(rf".*?\.{pattern}\.(?P<idx>\d+)\.", module_name)
+            # As PEFT 0.21: the pattern starts the name or follows a dot.
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
             if match:
                 break
     return match is not None and int(match.group("idx")) in layers_to_transform

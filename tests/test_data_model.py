@@ -170,13 +170,16 @@ class TestPEFTConfig:
         assert not matches_target("model.layers.0.self_attn.q_proj", ("q_proj",), (1,))
 
     def test_layers_pattern_follows_a_dot_and_takes_the_first_index(self):
-        # as current PEFT check_target_module_exists: r".*?\.{pattern}\.(\d+)\."
+        # as PEFT 0.21's check_target_module_exists: rf"(?:^|.*?\.){pattern}\.(\d+)\."
         q = ("q_proj",)
         assert matches_target("model.layers.1.self_attn.q_proj", q, (1,), ("layers",))
         assert matches_target("transformer.h.2.attn.q_proj", q, (2,), ("layers", "h"))
         assert not matches_target("transformer.h.2.attn.q_proj", q, (2,), ("layers",))
-        # a name that starts with the pattern has no dot before it, hence no layer
-        assert not matches_target("layers.1.self_attn.q_proj", q, (1,), ("layers",))
+        # a name may start with the pattern; an empty pattern means any (PEFT 0.21)
+        assert matches_target("layers.1.self_attn.q_proj", q, (1,), ("layers",))
+        assert not matches_target("layers.1.self_attn.q_proj", q, (2,), ("layers",))
+        assert matches_target("model.layers.1.self_attn.q_proj", q, (1,), ("",))
+        assert not matches_target("model.layers.1.self_attn.q_proj", q, (2,), ("",))
         # the layer index, not an expert index nested inside the layer
         moe = "model.layers.1.experts.0.q_proj"
         assert matches_target(moe, q, (1,), ("layers",)) and not matches_target(moe, q, (0,))
