@@ -8,7 +8,7 @@ LoRA, ``lora_a [vocab, r]`` is indexed by token id instead of multiplied.
 
 Banks stack adapters along a leading slot axis: ``a [slots, in, max_rank]``,
 ``b [slots, max_rank, out]``, ``scale float32 [slots]``; slot 0 is all zeros ("no adapter").
-Imports only jlora.errors and jlora.config.
+Imports only jlora.errors, jlora.config and jlora.hostio.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from flax import struct
 
 from jlora.config import FLOAT32_MAX, is_int
 from jlora.errors import AdapterMismatchError, AdapterWeightsError, UnknownAdapterError
+from jlora.hostio import FLOAT_DTYPE_NAMES, count_nonfinite
 
 # The axes of a `jlora.sharding` mesh: batch rows on DATA, tensor parallelism on MODEL.
 DATA = "data"
@@ -178,14 +179,35 @@ class LoRAModel:
 
     def optimize(self, dtype: jnp.dtype | str | None = None) -> LoRAModel:
         """Returns a copy whose arrays are contiguous numpy arrays in ``dtype`` (default: kept),
-        ready for fast copies into device slot banks."""
+        ready for fast copies into device slot banks.
 
-        def convert(x):
+        ``dtype`` is a float dtype jlora holds (float16, bfloat16, float32, float64); a weight
+        the cast turns into Inf (too large for ``dtype``) is an ``AdapterWeightsError``."""
+        if dtype is not None:
+            try:
+                name = np.dtype(dtype).name
+            except TypeError:
+                name = None
+            if name not in FLOAT_DTYPE_NAMES:
+                raise AdapterWeightsError(
+                    f"adapter {self.name!r}: optimize(dtype={dtype!r}) needs one of "
+                    f"{sorted(FLOAT_DTYPE_NAMES)}"
+                )
+
+        def convert(path, x):
             if x is None:
                 return None
-            return np.ascontiguousarray(np.asarray(x, dtype=dtype or np.asarray(x).dtype))
+            x = np.asarray(x)
+            with np.errstate(over="ignore"):  # counted below
+                y = np.ascontiguousarray(x, dtype=dtype or x.dtype)
+            if y.dtype != x.dtype and count_nonfinite(y) > count_nonfinite(x):
+                raise AdapterWeightsError(
+                    f"adapter {self.name!r}: {jax.tree_util.keystr(path)} overflows "
+                    f"{y.dtype.name} (values too large for it); keep a wider dtype"
+                )
+            return y
 
-        return jax.tree_util.tree_map(convert, self)
+        return jax.tree_util.tree_map_with_path(convert, self)
 
     @property
     def num_parameters(self) -> int:

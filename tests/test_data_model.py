@@ -123,6 +123,15 @@ class TestWeights:
         assert o.loras["m"].lora_a.flags["C_CONTIGUOUS"]
         assert o.num_bytes == m.num_bytes // 2
 
+    def test_optimize_refuses_non_float_dtypes_and_overflow(self, rng):
+        w = layer(rng)
+        m = LoRAModel(loras={"m": w.replace(lora_a=np.full_like(w.lora_a, 1e5))}, id=1, name="x")
+        with pytest.raises(AdapterWeightsError, match=r"'x': .*lora_a.* overflows float16"):
+            m.optimize(jnp.float16)
+        with pytest.raises(AdapterWeightsError, match=r"optimize\(dtype=<class 'numpy.int8'>\)"):
+            m.optimize(np.int8)  # would wrap silently
+        assert m.optimize(jnp.bfloat16).loras["m"].lora_a.dtype == jnp.bfloat16  # in range
+
     def test_bank(self):
         bank = LoRABank.zeros(5, 12, 7, 4, jnp.bfloat16)
         assert (bank.num_slots, bank.input_dim, bank.max_rank, bank.output_dim) == (5, 12, 4, 7)
