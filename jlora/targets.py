@@ -19,7 +19,7 @@ slice (``split_whole_layer``): the slices share its A and take their columns of 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,14 +53,16 @@ class TargetModule:
 
     def __post_init__(self):
         for field, value in (("out_dims", self.out_dims), ("peft_names", self.peft_names)):
-            if isinstance(value, str) or not isinstance(value, Sequence):  # one width per slice
+            if isinstance(value, str | bytes) or not isinstance(value, Iterable):
                 raise AdapterMismatchError(
                     f"target {self.name!r}: {field}={value!r} must be a sequence (one per slice)"
                 )
-        if not all(isinstance(n, str) and n for n in self.peft_names):
+        object.__setattr__(self, "peft_names", tuple(self.peft_names))
+        object.__setattr__(self, "out_dims", tuple(self.out_dims))
+        if not all(isinstance(n, str) for n in self.peft_names):  # "" is a root-level layer
             raise AdapterMismatchError(
-                f"target {self.name!r}: peft_names={tuple(self.peft_names)!r} must be non-empty "
-                "strs (PEFT module names)"
+                f"target {self.name!r}: peft_names={self.peft_names!r} must be strs (PEFT "
+                "module names)"
             )
         out_dims = tuple(self.out_dims)
         if not all(is_int(d) and d >= 1 for d in (self.in_dim, *out_dims)):  # not int(2.7) = 2

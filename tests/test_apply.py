@@ -905,7 +905,7 @@ def test_malformed_targets_packing_and_merge_arguments_are_named():
     for bad, fragment in (
         (dict(out_dims=4), "out_dims=4 must be a sequence"),
         (dict(peft_names="t"), "peft_names='t' must be a sequence"),
-        (dict(peft_names=(None,)), "must be non-empty strs"),
+        (dict(peft_names=(None,)), "must be strs"),
     ):
         with pytest.raises(AdapterMismatchError, match=fragment):
             TargetModule(**{**base, **bad})
