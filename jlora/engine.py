@@ -26,7 +26,7 @@ import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,10 @@ from jlora.context import lora_context, padded_batch_mapping
 from jlora.errors import CapacityError, EngineBusyError, LoRAConfigError, LoRAError
 from jlora.mapping import token_bucket
 from jlora.models.llama import KVCache
+from jlora.peft import matches_target
 from jlora.request import LoRARequest
 from jlora.sampling import SamplingParams, sample
+from jlora.targets import TargetModule
 
 BASE = 0  # adapter id of the base model
 
@@ -129,7 +131,7 @@ class Engine:
         (``model(ids, positions, kv_cache=..., logits_index=...)``), plain or already returned by
         ``jlora.apply``.
       lora_config: slots, ranks, host cache size, target modules (a plain model is wrapped
-        with them; for a model already wrapped, they must be None: its layers are chosen).
+        with them; a model already wrapped keeps its layers, and a filter here must cover them all).
       max_batch: decode rows (requests in flight at once).
       max_seq_len: prompt plus generated tokens, per request; at most the model's
         ``max_position_embeddings``.
@@ -166,14 +168,8 @@ class Engine:
         self.max_seq_len = max_seq_len
         if not find_targets_safe(model):
             model = apply(model, lora_config)
-        elif lora_config.target_modules is not None:
-            # The wrapped layers were chosen by that jlora.apply call: a filter here would be
-            # silently ignored (an adapter for other layers served on them all the same).
-            raise LoRAConfigError(
-                f"lora_config.target_modules={lora_config.target_modules!r} has no effect on a "
-                f"model jlora.apply already wrapped ({len(find_targets(model))} layers); pass "
-                "target_modules to jlora.apply, or give the Engine the plain model"
-            )
+        else:
+            _check_filter_covers(find_targets(model), lora_config.target_modules)
         self.model = model
         model_config = model.config
         limit = getattr(model_config, "max_position_embeddings", None)
@@ -237,6 +233,7 @@ class Engine:
         prompt_lengths = _as_list("prompt_lengths", prompt_lengths, "ints >= 1")
         if not all(is_int(n) and n >= 1 for n in prompt_lengths):
             raise LoRAConfigError(f"prompt_lengths must be ints >= 1, got {prompt_lengths}")
+        prompt_lengths = [int(n) for n in prompt_lengths]  # NumPy ints: no bit_length
         start = time.perf_counter()
         with self._exclusive("warmup"):
             self.state = manager.warmup(self.state)
@@ -521,6 +518,29 @@ class Engine:
                     on_token(s.index, int(tokens[r]))
 
 
+def _check_filter_covers(targets: Sequence[TargetModule], target_modules) -> None:
+    """Refuses a ``target_modules`` filter that leaves out a layer ``jlora.apply`` already wrapped:
+    the wrapped layers were chosen by that call, so such a filter would be silently ignored (an
+    adapter for the left-out layers served on them all the same). The filter the model was
+    wrapped with, or a wider one, passes."""
+    if target_modules is None:
+        return
+    if target_modules == "all-linear":  # as jlora.apply's wildcard: no embeddings, no lm_head
+        left_out = [t.name for t in targets if t.is_embedding or t.name.split(".")[-1] == "lm_head"]
+    else:
+        left_out = [
+            t.name
+            for t in targets
+            if not any(matches_target(n, target_modules) for n in (t.name, *t.peft_names))
+        ]
+    if left_out:
+        raise LoRAConfigError(
+            f"lora_config.target_modules={target_modules!r} leaves out {len(left_out)} of the "
+            f"{len(targets)} layers jlora.apply already wrapped (e.g. {left_out[0]!r}); it cannot "
+            "narrow them: pass target_modules to jlora.apply, or give the Engine the plain model"
+        )
+
+
 def find_targets_safe(model) -> tuple:
     """The model's LoRA targets if ``jlora.apply`` already wrapped it, else ()."""
     try:
@@ -606,6 +626,7 @@ def _decode_step(
 
 def _as_list(name: str, value, what: str) -> list:
     """``value`` (any iterable: a generator is read once) as a list, or a LoRAConfigError."""
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+    # A set or a mapping has no order to pair its items with the other arguments' by.
+    if isinstance(value, str | bytes | Set | Mapping) or not isinstance(value, Iterable):
         raise LoRAConfigError(f"{name} must be a sequence of {what}, got {type(value).__name__}")
     return list(value)

@@ -211,18 +211,55 @@ def test_generate_reads_generators_once(engine):
     assert [o.tokens for o in got] == [o.tokens for o in want]
 
 
-def test_a_target_filter_on_an_already_wrapped_model_is_refused(base_model):
+def test_a_target_filter_narrower_than_an_already_wrapped_model_is_refused(base_model):
     """It would be ignored: the layers were chosen when jlora.apply wrapped the model."""
     config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16)
     wrapped = jlora.apply(base_model, config)
     Engine(wrapped, config, max_batch=1, max_seq_len=32)  # no filter: fine
-    with pytest.raises(jlora.LoRAConfigError, match="has no effect on a model jlora.apply"):
+    with pytest.raises(jlora.LoRAConfigError, match="leaves out .* layers jlora.apply already"):
         Engine(
             wrapped,
             jlora.LoRAConfig(max_loras=1, max_lora_rank=16, target_modules=["q_proj"]),
             max_batch=1,
             max_seq_len=32,
         )
+
+
+@pytest.mark.parametrize(
+    "wrap_with, engine_with",
+    [
+        (["q_proj", "v_proj"], ["q_proj", "v_proj"]),  # the same config passed to both
+        (["q_proj"], ["q_proj", "v_proj"]),  # wider: nothing wrapped is left out
+        (r".*\.self_attn\.(q|v)_proj", ["q_proj", "v_proj"]),
+        ("all-linear", "all-linear"),
+    ],
+)
+def test_a_target_filter_covering_an_already_wrapped_model_is_accepted(
+    base_model, wrap_with, engine_with
+):
+    wrapped = jlora.apply(base_model, jlora.LoRAConfig(max_lora_rank=16, target_modules=wrap_with))
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16, target_modules=engine_with)
+    engine = Engine(wrapped, config, max_batch=1, max_seq_len=32)
+    assert engine.state.targets == jlora.find_targets(wrapped)
+
+
+def test_all_linear_on_a_model_wrapped_with_embedding_and_lm_head_is_refused(base_model):
+    wrapped = jlora.apply(base_model, jlora.LoRAConfig(max_lora_rank=16))  # default: embed too
+    assert any(t.is_embedding for t in jlora.find_targets(wrapped))
+    config = jlora.LoRAConfig(max_loras=1, max_lora_rank=16, target_modules="all-linear")
+    with pytest.raises(jlora.LoRAConfigError, match="leaves out 2 of .*'lm_head'"):
+        Engine(wrapped, config, max_batch=1, max_seq_len=32)
+
+
+def test_warmup_takes_numpy_prompt_lengths(engine):
+    engine.warmup(np.array([4]))
+    engine.warmup([np.int64(3)])
+
+
+@pytest.mark.parametrize("unordered", [{(1, 2), (3,)}, {"a": [1, 2]}])
+def test_unordered_prompts_are_refused(engine, unordered):
+    with pytest.raises(jlora.LoRAConfigError, match="prompts must be a sequence"):
+        engine.generate(unordered)
 
 
 def test_slots_pinned_by_unused_adapters_raise_instead_of_waiting_forever(base_model, requests):
