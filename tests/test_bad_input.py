@@ -768,17 +768,22 @@ def test_write_peft_adapter_takes_numpy_numbers_and_writes_plain_json(tmp_path):
     assert lora.loras["m.q_proj"].lora_a.dtype == np.float16
 
 
-def test_llama_module_shapes_reads_a_generator_once():
+def _one_layer_llama_config():
     from jlora.models.llama import LlamaConfig
-    from jlora.synthetic import llama_module_shapes
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=32,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
     )
+
+
+def test_llama_module_shapes_reads_a_generator_once():
+    from jlora.synthetic import llama_module_shapes
+
+    config = _one_layer_llama_config()
     shapes = llama_module_shapes(config, (p for p in ["q_proj"]))
     assert shapes == {"model.layers.0.self_attn.q_proj": (16, 16)}
     assert llama_module_shapes(config, "q_proj") == shapes  # one name, not its letters
@@ -786,16 +791,9 @@ def test_llama_module_shapes_reads_a_generator_once():
 
 @pytest.mark.parametrize("projections", ["qkv_proj", ["q_proj", "qkv_proj"]])
 def test_llama_module_shapes_refuses_unknown_projections(projections):
-    from jlora.models.llama import LlamaConfig
     from jlora.synthetic import llama_module_shapes
 
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-    )
+    config = _one_layer_llama_config()
     with pytest.raises(LoRAConfigError, match="not Llama projections"):
         llama_module_shapes(config, projections)
 
