@@ -105,7 +105,7 @@ class PEFTConfig:
 
         def patterns(v):  # ... and a lone layers_pattern string
             v = names(v)
-            return (v,) if isinstance(v, str) else v or None
+            return ((v,) if v else None) if isinstance(v, str) else v or None
 
         def names(v):  # a list of names or a regex string
             if v is None or isinstance(v, str):
@@ -310,7 +310,7 @@ def matches_target(
     if not found or not layers_to_transform:
         return found
     match = None
-    if not any(layers_pattern or ()):  # as PEFT 0.21: an empty pattern means any
+    if not layers_pattern:  # as PEFT 0.21: none, [] or "" means any ([""] matches nothing)
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
     else:
         for pattern in layers_pattern:

@@ -184,11 +184,19 @@ class TestPEFTConfig:
         assert matches_target("model.layers.1.self_attn.q_proj", q, (1,), ("layers",))
         assert matches_target("transformer.h.2.attn.q_proj", q, (2,), ("layers", "h"))
         assert not matches_target("transformer.h.2.attn.q_proj", q, (2,), ("layers",))
-        # a name may start with the pattern; an empty pattern means any (PEFT 0.21)
+        # a name may start with the pattern
         assert matches_target("layers.1.self_attn.q_proj", q, (1,), ("layers",))
         assert not matches_target("layers.1.self_attn.q_proj", q, (2,), ("layers",))
-        assert matches_target("model.layers.1.self_attn.q_proj", q, (1,), ("",))
-        assert not matches_target("model.layers.1.self_attn.q_proj", q, (2,), ("",))
+        # as PEFT 0.21: no pattern (None, [] or "") means any; [""] is a pattern matching nothing
+        name = "model.layers.1.self_attn.q_proj"
+        for none in (None, ()):
+            assert matches_target(name, q, (1,), none)
+            assert not matches_target(name, q, (2,), none)
+        assert not matches_target(name, q, (1,), ("",))
+        base = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "layers_to_transform": [1]}
+        assert PEFTConfig.from_dict({**base, "layers_pattern": ""}).targets(name)
+        assert PEFTConfig.from_dict({**base, "layers_pattern": []}).targets(name)
+        assert not PEFTConfig.from_dict({**base, "layers_pattern": [""]}).targets(name)
         # the layer index, not an expert index nested inside the layer
         moe = "model.layers.1.experts.0.q_proj"
         assert matches_target(moe, q, (1,), ("layers",)) and not matches_target(moe, q, (0,))
